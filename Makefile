@@ -1,0 +1,36 @@
+# vitlab: `make train` and `make test` are all a new user needs; each installs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install train test test-fast lint format clean
+
+install: $(STAMP)  ## .venv with the package and its dev extra (a no-op when up to date)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: install  ## the default demo: ViT on the bundled digits, CPU; ARGS="model=... data=..." to change it
+	$(PY) src/train.py $(ARGS)
+
+test: install  ## the whole suite, as CI runs it
+	$(PY) -m pytest $(ARGS)
+
+test-fast: install  ## skip the multi-process tests
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean:  ## remove run folders and caches (keeps .venv and data/)
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,18 @@
+"""Train a model: `python src/train.py [group=option ...] [key=value ...]`.
+
+Composes `conf/train.yaml` with Hydra and hands it to `vitlab.pipeline.train`.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from vitlab.pipeline import run_task, train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_task(train, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""`ImageClassifier`: the one LightningModule, wrapping any backbone that maps images to logits.
+
+It owns the loss (cross-entropy, optional label smoothing), the metrics (top-1 and
+top-5 through torchmetrics, per split) and the optimizer/scheduler wiring. The
+optimizer and scheduler arrive as factories (`functools.partial` or Hydra
+`_partial_: true` nodes), so the module stays free of config code. Only plain
+values are saved as hyperparameters: checkpoints load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitlab.optim import param_groups
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+
+
+class ImageClassifier(L.LightningModule):
+    """Train, validate and test an image classifier.
+
+    Attributes:
+        backbone: `nn.Module` mapping (b, c, H, W) float images to (b, num_classes) logits.
+        optimizer: factory called as `optimizer(param_groups)`; its `weight_decay`
+            keyword (if any) is applied to weights only, never to biases, norms,
+            position embeddings or the class token. None for evaluation only.
+        scheduler: factory called as `scheduler(optimizer, total_steps=...)`, stepped
+            every optimizer step; None for a constant learning rate.
+        num_classes: number of classes (for the metrics).
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        config: the run's resolved config as plain data. It is saved with the
+            hyperparameters, so a checkpoint alone rebuilds its model (`src/eval.py`)
+            and every logger records the whole config.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.backbone = backbone
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.label_smoothing = label_smoothing
+        top_k = min(5, num_classes)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                f"acc_top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+            }
+        )
+        # One collection per split; `nn.ModuleDict` cannot hold a key named "train".
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(logits.detach(), labels)
+        on_step = split == "train"
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+        )
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "ImageClassifier was built without an optimizer; pass `optimizer=` to train it"
+            )
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self.backbone, weight_decay))
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,23 @@
+"""The one exception type users see without a traceback.
+
+Anything that is the user's mistake (a bad config value, missing data, a file
+that is not a checkpoint) raises `VitlabError` with a message that names the
+key or file, the bad value and what would be valid. The entry points print
+that message alone and exit non-zero; `HYDRA_FULL_ERROR=1` shows the traceback.
+"""
+
+
+class VitlabError(Exception):
+    """A user-facing error: the message is the whole report."""
+
+
+class ConfigError(VitlabError, ValueError):
+    """A config value that cannot work, found before training starts."""
+
+
+class DataError(VitlabError, FileNotFoundError):
+    """A dataset that is missing, empty or unreadable."""
+
+
+class CheckpointError(VitlabError, ValueError):
+    """A checkpoint or pretrained file that is missing, corrupt or of another architecture."""

@@ -1,0 +1,157 @@
+"""The transformer building blocks shared by ViT and the hybrids.
+
+Each module mirrors one Flax module of google-research/vision_transformer
+(`vit_jax/models_vit.py`) and keeps its numerics: LayerNorm eps 1e-6, tanh GELU,
+attention scaled by 1/sqrt(head_dim). Query, key and value live in one fused
+`qkv` projection because one matmul is faster than three; `checkpoints.py`
+splits and joins them when reading or writing the official layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+LAYER_NORM_EPS = 1e-6
+GeluApproximate = Literal["tanh", "none"]
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Flax's default kernel init: truncated normal with variance 1 / fan_in."""
+    fan_in = weight[0].numel()
+    # 0.8796... is the std of a unit normal truncated to [-2, 2].
+    return nn.init.trunc_normal_(
+        weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978, a=-2, b=2
+    )
+
+
+class PatchEmbed(nn.Module):
+    """Cut an image into non-overlapping patches and project each to `hidden_size`.
+
+    The official `embedding` conv: kernel = stride = `patch_size`, VALID padding.
+    Returns the tokens and the (h, w) grid they came from, which position
+    encodings that know 2-D layout need.
+
+    Attributes:
+        patch_size: side of a square patch in pixels (or stem feature-map cells).
+        in_channels: channels of the input image or stem feature map.
+        hidden_size: width of each token.
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        lecun_normal_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return rearrange(x, "b d h w -> b (h w) d"), grid
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+
+    SDPA picks the flash / memory-efficient kernel when the device has one and
+    is exact math otherwise, so the numerics match the original on CPU.
+
+    Attributes:
+        hidden_size: token width; must be divisible by `num_heads`.
+        num_heads: number of attention heads.
+        attention_dropout_rate: dropout on the attention weights (training only).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, attention_dropout_rate: float = 0.0
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
+                f"choose num_heads from {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
+            )
+        self.num_heads = num_heads
+        self.attention_dropout_rate = attention_dropout_rate
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        for part in self.qkv.weight.chunk(3):  # xavier per q/k/v matrix, as the original
+            nn.init.xavier_uniform_(part)
+        nn.init.xavier_uniform_(self.out.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(
+            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        )
+        dropout_p = self.attention_dropout_rate if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return self.out(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    """The transformer MLP: Dense -> GELU -> Dropout -> Dense -> Dropout (`MlpBlock`).
+
+    Attributes:
+        hidden_size: input and output width.
+        mlp_dim: inner width.
+        dropout_rate: dropout after each Dense.
+        gelu_approximate: "tanh" as the original; "none" for exact erf GELU (as timm).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_dim: int,
+        dropout_rate: float = 0.0,
+        gelu_approximate: GeluApproximate = "tanh",
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_dim)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.fc2 = nn.Linear(mlp_dim, hidden_size)
+        self.drop = nn.Dropout(dropout_rate)
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.normal_(fc.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """One pre-norm encoder block (`Encoder1DBlock`): x + Attn(LN(x)), then x + Mlp(LN(x)).
+
+    Attributes:
+        hidden_size, num_heads, mlp_dim: as in the paper's Table 1.
+        dropout_rate: dropout after attention and inside the MLP.
+        attention_dropout_rate: dropout on attention weights.
+        gelu_approximate: see `Mlp`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_dim: int,
+        dropout_rate: float = 0.0,
+        attention_dropout_rate: float = 0.0,
+        gelu_approximate: GeluApproximate = "tanh",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.attn = Attention(hidden_size, num_heads, attention_dropout_rate)
+        self.drop = nn.Dropout(dropout_rate)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(hidden_size, mlp_dim, dropout_rate, gelu_approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))

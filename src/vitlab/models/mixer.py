@@ -1,0 +1,122 @@
+"""MlpMixer, faithful to `vit_jax/models_mixer.py`.
+
+The same blocks in the same order as the original: per-patch linear stem ->
+MixerBlocks (token mixing across patches, then channel mixing per patch) ->
+`pre_head_layer_norm` -> mean over tokens -> zero-initialised head. No position
+encoding: token mixing sees the patches in a fixed order. Input is NCHW float in
+[-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from vitlab.models.layers import LAYER_NORM_EPS, GeluApproximate, Mlp, PatchEmbed, lecun_normal_
+
+
+def _mixer_mlp(dim: int, mlp_dim: int, gelu_approximate: GeluApproximate) -> Mlp:
+    """Mixer's `MlpBlock`: the ViT `Mlp` without dropout, with Flax's default Dense init."""
+    mlp = Mlp(dim, mlp_dim, gelu_approximate=gelu_approximate)
+    for fc in (mlp.fc1, mlp.fc2):
+        lecun_normal_(fc.weight)
+        nn.init.zeros_(fc.bias)
+    return mlp
+
+
+class MixerBlock(nn.Module):
+    """x + TokenMLP(LN(x)ᵀ)ᵀ, then x + ChannelMLP(LN(x)) (`MixerBlock`).
+
+    Attributes:
+        num_tokens: patches per image; the token-mixing MLP's input width.
+        hidden_dim: channels per patch.
+        tokens_mlp_dim: inner width of the token-mixing MLP.
+        channels_mlp_dim: inner width of the channel-mixing MLP.
+        gelu_approximate: "tanh" as the original; "none" for exact GELU.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        hidden_dim: int,
+        tokens_mlp_dim: int,
+        channels_mlp_dim: int,
+        gelu_approximate: GeluApproximate = "tanh",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
+        self.token_mixing = _mixer_mlp(num_tokens, tokens_mlp_dim, gelu_approximate)
+        self.norm2 = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
+        self.channel_mixing = _mixer_mlp(hidden_dim, channels_mlp_dim, gelu_approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = rearrange(self.norm1(x), "b n c -> b c n")
+        x = x + rearrange(self.token_mixing(y), "b c n -> b n c")
+        return x + self.channel_mixing(self.norm2(x))
+
+
+class MlpMixer(nn.Module):
+    """MLP-Mixer (Tolstikhin et al., 2021).
+
+    The token-mixing MLPs are as wide as the number of patches, so a Mixer is tied
+    to one `image_size` (unlike ViT, whose position table can be resized).
+
+    Attributes:
+        image_size: side of the square input in pixels.
+        patch_size: side of a patch in pixels; must divide `image_size`.
+        num_classes: size of the head; 0 for no head (features only).
+        hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim: the paper's Table 1.
+        num_channels: input image channels.
+        gelu_approximate: "tanh" as the original; "none" for exact GELU.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        num_classes: int,
+        hidden_dim: int,
+        num_blocks: int,
+        tokens_mlp_dim: int,
+        channels_mlp_dim: int,
+        num_channels: int = 3,
+        gelu_approximate: GeluApproximate = "tanh",
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            valid = [p for p in range(1, image_size + 1) if image_size % p == 0]
+            raise ValueError(
+                f"patch_size={patch_size} does not divide image_size={image_size}; "
+                f"valid patch sizes: {valid}"
+            )
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.hidden_dim = hidden_dim
+        num_tokens = (image_size // patch_size) ** 2
+
+        self.stem = PatchEmbed(patch_size, num_channels, hidden_dim)
+        self.blocks = nn.ModuleList(
+            MixerBlock(num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu_approximate)
+            for _ in range(num_blocks)
+        )
+        self.pre_head_layer_norm = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
+        self.head = nn.Linear(hidden_dim, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (b, c, H, W) -> mixed tokens (b, h*w, hidden_dim), after `pre_head_layer_norm`."""
+        x, _ = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.pre_head_layer_norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixed tokens -> logits: mean over tokens, then the head."""
+        return self.head(x.mean(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

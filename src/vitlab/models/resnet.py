@@ -1,0 +1,181 @@
+"""ResNetV2, the hybrid stem of R+ViT, faithful to `vit_jax/models_resnet.py`.
+
+The original is a "ResNet v1.5 with v2 normalisation": weight-standardised convs
+(`StdConv`), GroupNorm instead of BatchNorm (32 groups, eps 1e-6), and bottleneck
+units with the stride on the 3x3 conv. Its root lives in `models_vit.py`; here the
+root and the stages form one module so that `VisionTransformer(stem=ResNetV2(...))`
+is the whole hybrid.
+
+Flax's "SAME" padding is TensorFlow's: when the total padding is odd, the extra
+row and column go at the bottom and right. PyTorch's symmetric `padding=` cannot
+express that for the strided 7x7 root conv, the 3x3/2 max-pool and the strided
+3x3 convs on even inputs, so every padded op here pads explicitly with `pad_same`
+(missing this moves the logits by ~0.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.models.layers import lecun_normal_
+
+GROUP_NORM_GROUPS = 32
+GROUP_NORM_EPS = 1e-6
+WEIGHT_STANDARDIZATION_EPS = 1e-5
+
+
+def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """Pad (b, c, h, w) as TF/Flax "SAME" does, so a VALID op after it outputs ceil(size / stride).
+
+    The total padding per side pair is `max((out - 1) * stride + kernel_size - size, 0)`;
+    the larger half goes after (bottom / right).
+    """
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
+        total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+class StdConv2d(nn.Conv2d):
+    """A bias-free conv whose kernel is standardised on every call (`StdConv`), with SAME padding.
+
+    Each output filter is standardised over (in, kh, kw) as
+    `(w - mean) / (std + 1e-5)` with the population std. The stored weight stays
+    raw, which is also how the official checkpoints keep it.
+
+    Attributes:
+        in_channels, out_channels: as `nn.Conv2d`.
+        kernel_size: side of the square kernel.
+        stride: side of the square stride.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=False)
+        lecun_normal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std, mean = torch.std_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+        weight = (self.weight - mean) / (std + WEIGHT_STANDARDIZATION_EPS)
+        x = pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, weight, stride=self.stride)
+
+
+def group_norm(num_channels: int) -> nn.GroupNorm:
+    """Flax's `nn.GroupNorm()` defaults: 32 groups, eps 1e-6, scale 1, bias 0."""
+    return nn.GroupNorm(GROUP_NORM_GROUPS, num_channels, eps=GROUP_NORM_EPS)
+
+
+class ResidualUnit(nn.Module):
+    """Bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1 (x4), each StdConv + GroupNorm, then ReLU(residual + y).
+
+    The residual is projected (1x1 StdConv + GroupNorm) when the channels or the
+    stride change. `gn3` starts with zero scale, so a fresh unit is the identity
+    on its residual path.
+
+    Attributes:
+        in_channels: channels of the input map.
+        features: bottleneck width; the unit outputs `features * 4` channels.
+        stride: stride of the 3x3 conv and of the projection.
+    """
+
+    def __init__(self, in_channels: int, features: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = features * 4
+        if in_channels != out_channels or stride != 1:
+            self.conv_proj = StdConv2d(in_channels, out_channels, 1, stride)
+            self.gn_proj = group_norm(out_channels)
+        else:
+            self.conv_proj = self.gn_proj = None
+        self.conv1 = StdConv2d(in_channels, features, 1)
+        self.gn1 = group_norm(features)
+        self.conv2 = StdConv2d(features, features, 3, stride)
+        self.gn2 = group_norm(features)
+        self.conv3 = StdConv2d(features, out_channels, 1)
+        self.gn3 = group_norm(out_channels)
+        nn.init.zeros_(self.gn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.conv_proj is None else self.gn_proj(self.conv_proj(x))
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = F.relu(self.gn2(self.conv2(y)))
+        y = self.gn3(self.conv3(y))
+        return F.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+    """`block_size` units of width `features`; only the first one strides (`ResNetStage`).
+
+    Attributes:
+        in_channels: channels entering the stage.
+        block_size: number of `ResidualUnit`s.
+        features: bottleneck width of every unit (output is `features * 4`).
+        first_stride: stride of the first unit.
+    """
+
+    def __init__(self, in_channels: int, block_size: int, features: int, first_stride: int) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(
+            ResidualUnit(
+                in_channels if i == 0 else features * 4, features, first_stride if i == 0 else 1
+            )
+            for i in range(block_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+
+class ResNetV2(nn.Module):
+    """The hybrid stem: root (StdConv 7x7/2 -> GroupNorm -> ReLU -> max-pool 3x3/2), then the stages.
+
+    Stage i (0-based) has `num_layers[i]` units of width `width * 2**i`; the first
+    stage keeps the resolution, each later one halves it. An empty `num_layers`
+    is the root alone (R+ViT-Ti/16). Input is NCHW; output is the feature map
+    (b, out_channels, H / stride, W / stride), rounding sizes up as SAME does.
+
+    Attributes:
+        num_layers: units per stage, e.g. (3, 4, 9) for R50+ViT-B/16, () for root only.
+        width_factor: the root has `int(64 * width_factor)` channels.
+        num_channels: input image channels.
+        out_channels: channels of the output map (read by `VisionTransformer`).
+        stride: total downsampling of the output map (read by `VisionTransformer`).
+    """
+
+    def __init__(
+        self, num_layers: Sequence[int], width_factor: float = 1.0, num_channels: int = 3
+    ) -> None:
+        super().__init__()
+        self.num_layers = tuple(num_layers)
+        self.width_factor = width_factor
+        width = int(64 * width_factor)
+        if width % GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"width_factor={width_factor} gives a root width of {width}, which GroupNorm's "
+                f"{GROUP_NORM_GROUPS} groups do not divide; use a multiple of {GROUP_NORM_GROUPS / 64}"
+            )
+        self.conv_root = StdConv2d(num_channels, width, 7, stride=2)
+        self.gn_root = group_norm(width)
+        self.stages = nn.ModuleList()
+        channels = width
+        for i, block_size in enumerate(self.num_layers):
+            self.stages.append(ResNetStage(channels, block_size, width * 2**i, 1 if i == 0 else 2))
+            channels = width * 2**i * 4
+        self.out_channels = channels
+        self.stride = 4 * 2 ** max(len(self.num_layers) - 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn_root(self.conv_root(x)))
+        x = F.max_pool2d(pad_same(x, 3, 2, value=-math.inf), kernel_size=3, stride=2)
+        for stage in self.stages:
+            x = stage(x)
+        return x

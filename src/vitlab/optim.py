@@ -1,0 +1,89 @@
+"""Optimizer parameter groups and the learning-rate schedules of the original.
+
+Schedules are multiplicative factors on the base learning rate, stepped once
+per optimizer step (not per epoch), as in `vit_jax/utils.py`:
+linear warmup from 0, then cosine or linear decay to 0 at `total_steps`.
+They are `LambdaLR`s, so their state is a step count and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from vitlab.errors import ConfigError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed and a non-decayed group.
+
+    Biases, normalisation parameters (every tensor with ndim <= 1) and the names a
+    module lists in `no_weight_decay()` (position embedding, class token) are not
+    decayed: decaying them hurts ViT training and the original AugReg recipe skips them.
+    """
+    skip = set()
+    for prefix, module in _named_modules_with_no_decay(model):
+        skip |= {f"{prefix}{name}" for name in module.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_skipped = param.ndim <= 1 or name in skip
+        (no_decay if is_skipped else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _named_modules_with_no_decay(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            yield (f"{name}." if name else ""), module
+
+
+def _check_steps(warmup_steps: int, total_steps: int) -> None:
+    if warmup_steps < 0:
+        raise ConfigError(f"scheduler.warmup_steps={warmup_steps} must be >= 0")
+    if warmup_steps > total_steps:
+        raise ConfigError(
+            f"scheduler.warmup_steps={warmup_steps} is more than the {total_steps} total "
+            f"optimizer steps of this run; use a value in [0, {total_steps}]"
+        )
+
+
+def _warmup_then(
+    decay: Callable[[float], float], warmup_steps: int, total_steps: int
+) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return decay(min(1.0, progress))
+
+    return factor
+
+
+def warmup_cosine(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    """Linear warmup for `warmup_steps`, then half-cosine decay to 0 at `total_steps`."""
+    _check_steps(warmup_steps, total_steps)
+    return LambdaLR(
+        optimizer,
+        _warmup_then(lambda p: 0.5 * (1.0 + math.cos(math.pi * p)), warmup_steps, total_steps),
+    )
+
+
+def warmup_linear(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    """Linear warmup for `warmup_steps`, then linear decay to 0 at `total_steps`."""
+    _check_steps(warmup_steps, total_steps)
+    return LambdaLR(optimizer, _warmup_then(lambda p: 1.0 - p, warmup_steps, total_steps))
+
+
+def constant(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    """Linear warmup for `warmup_steps`, then the base learning rate unchanged."""
+    _check_steps(warmup_steps, total_steps)
+    return LambdaLR(optimizer, _warmup_then(lambda p: 1.0, warmup_steps, total_steps))

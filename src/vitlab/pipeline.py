@@ -1,0 +1,215 @@
+"""`train(cfg)` and `evaluate(cfg)`: the only place where configs become objects.
+
+The entry points in `src/` compose a config with Hydra and call one of these.
+Everything they build (backbone, classifier, datamodule, callbacks, loggers,
+trainer) is a plain class that can also be built by hand without Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from vitlab.classifier import ImageClassifier
+from vitlab.console import print_config_tree, print_metrics
+from vitlab.errors import ConfigError, VitlabError
+from vitlab.models.checkpoints import load_pretrained
+
+_UNIQUE_DIRS: dict[str, str] = {}
+
+
+def unique_dir(path: str) -> str:
+    """`path`, or `path_2`, `path_3`, ... if it exists: a new run never reuses a folder.
+
+    Remembered per process, so every resolution of `hydra.run.dir` in one run
+    agrees even after the folder has been created.
+    """
+    if path not in _UNIQUE_DIRS:
+        candidate, n = path, 1
+        while os.path.exists(candidate):
+            n += 1
+            candidate = f"{path}_{n}"
+        _UNIQUE_DIRS[path] = candidate
+    return _UNIQUE_DIRS[path]
+
+
+OmegaConf.register_new_resolver("vitlab.unique", unique_dir, replace=True)
+
+
+def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but a constructor's complaint becomes a `ConfigError` naming the key."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        if isinstance(cause, VitlabError):  # already names its key and value
+            raise cause from None
+        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+        raise ConfigError(f"Bad value under `{key}` (building {target}):\n  {cause}") from err
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """Build the configured backbone and, if `model.pretrained` names a file, load it."""
+    node = OmegaConf.to_container(model_cfg, resolve=True)
+    pretrained = node.pop("pretrained", None)
+    backbone = instantiate(node, "model")
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    return backbone
+
+
+def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClassifier:
+    """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss."""
+    scheduler = cfg.get("scheduler") if with_optimizer else None
+    return ImageClassifier(
+        backbone=build_backbone(cfg.model),
+        optimizer=instantiate(cfg.optimizer, "optimizer") if with_optimizer else None,
+        scheduler=instantiate(scheduler, "scheduler") if scheduler else None,
+        num_classes=cfg.data.num_classes,
+        label_smoothing=cfg.get("classifier", {}).get("label_smoothing", 0.0),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _instantiate_group(group: DictConfig | None, key: str) -> list[Any]:
+    """Each `_target_` node of a group (callbacks, logger) -> an object, in config order."""
+    if not group:
+        return []
+    return [
+        instantiate(node, f"{key}.{name}")
+        for name, node in group.items()
+        if node and "_target_" in node
+    ]
+
+
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers."""
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    return instantiate(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **kwargs
+    )
+
+
+def _prepare(cfg: DictConfig) -> None:
+    if cfg.get("extras", {}).get("ignore_warnings"):
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+        warnings.filterwarnings(
+            "ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*"
+        )
+    if cfg.get("extras", {}).get("print_config"):
+        print_config_tree(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
+    }
+
+
+def _finish(metrics: dict[str, float], output_dir: str) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "metrics.json").write_text(
+        json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    )
+    print_metrics(metrics, output_dir)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Seed, build, fit (resuming from `ckpt_path`), test the best checkpoint, return `optimized_metric`.
+
+    The final metrics also go to `<run>/metrics.json`.
+    """
+    _prepare(cfg)
+    datamodule = instantiate(cfg.data, "data")
+    model = build_classifier(cfg)
+    trainer = build_trainer(cfg)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder"
+        )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = _scalars(trainer.callback_metrics)
+
+    if cfg.get("test"):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        metrics.update(_scalars(trainer.callback_metrics))
+
+    _finish(metrics, cfg.paths.output_dir)
+    metric_name = cfg.get("optimized_metric")
+    return metrics.get(metric_name) if metric_name else None
+
+
+def _run_config_from_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a readable Lightning checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    config = checkpoint.get("hyper_parameters", {}).get("config")
+    if not config:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} holds no vitlab run config; was it written by `src/train.py`?"
+        )
+    return config
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test a checkpoint. The model and data come from the run config saved in the checkpoint
+    unless the command line picks others (`model=...`, `data=...`); `+data.batch_size=...`
+    changes one field of the saved data config."""
+    run_cfg = _run_config_from_checkpoint(cfg.ckpt_path)
+    with open_dict(cfg):
+        for key in ("model", "data"):
+            chosen = cfg.get(key)
+            if chosen is None or "_target_" not in chosen:  # not picked, or only `+key.field=...`
+                cfg[key] = OmegaConf.merge(run_cfg[key], chosen or {})
+        cfg.classifier = run_cfg.get("classifier", {})
+    _prepare(cfg)
+    datamodule = instantiate(cfg.data, "data")
+    model = build_classifier(cfg, with_optimizer=False)
+    trainer = build_trainer(cfg)
+    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    metrics = _scalars(trainer.callback_metrics)
+    _finish(metrics, cfg.paths.output_dir)
+    return metrics
+
+
+def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run `train` or `evaluate`, turning a `VitlabError` into a short message and exit status 2.
+
+    Set HYDRA_FULL_ERROR=1 to get the traceback instead.
+    """
+    try:
+        return task(cfg)
+    except VitlabError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"\nError: {err}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,84 @@
+"""Every config under conf/ composes, and the composed config has the promised shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR
+
+GROUPS = [
+    "model",
+    "data",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "debug",
+]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{group}={name}" for group in GROUPS for name in _options(group)]
+)
+def test_every_config_file_composes_and_resolves(make_cfg, override):
+    cfg = make_cfg(override)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def test_eval_config_composes(make_cfg):
+    cfg = make_cfg("ckpt_path=x.ckpt", config_name="eval")
+    assert cfg.ckpt_path == "x.ckpt"
+
+
+def test_train_config_has_the_documented_groups_and_keys(make_cfg):
+    cfg = make_cfg()
+    for key in (
+        "model",
+        "data",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+        "paths",
+        "extras",
+        "seed",
+    ):
+        assert key in cfg, key
+    assert cfg.model.image_size == cfg.data.image_size
+    assert cfg.model.num_classes == cfg.data.num_classes
+    assert cfg.model.num_channels == cfg.data.num_channels
+
+
+def test_every_config_group_folder_is_covered_by_this_test():
+    folders = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"paths", "extras", "hydra"}
+    assert folders <= set(GROUPS), f"add {folders - set(GROUPS)} to GROUPS"
+
+
+def test_unknown_option_lists_the_valid_choices(make_cfg):
+    with pytest.raises(MissingConfigException, match=r"(?s)model/no_such_model.*vit_tiny"):
+        make_cfg("model=no_such_model")
+
+
+def test_run_folders_are_dated_and_unique():
+    hydra_cfg = yaml.safe_load((Path(CONF_DIR) / "hydra" / "default.yaml").read_text())
+    assert (
+        hydra_cfg["run"]["dir"]
+        == "${vitlab.unique:${paths.log_dir}/${task_name}/runs/${now:%Y-%m-%d}_${now:%H-%M-%S}}"
+    )
+    assert (
+        hydra_cfg["sweep"]["dir"]
+        == "${vitlab.unique:${paths.log_dir}/${task_name}/multiruns/${now:%Y-%m-%d}_${now:%H-%M-%S}}"
+    )
+    assert hydra_cfg["sweep"]["subdir"] == "${hydra.job.num}"

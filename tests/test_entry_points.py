@@ -1,0 +1,46 @@
+"""The command-line entry points, as a user runs them (subprocesses: each pays the imports)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_train_py_fast_dev_run_prints_config_metrics_and_run_folder(tmp_path):
+    result = _run("debug=fdr", "extras.print_config=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CONFIG" in result.stdout
+    assert "Final metrics" in result.stdout
+    assert "Run folder:" in result.stdout
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / ".hydra" / "config.yaml").is_file()
+    assert (runs[0] / "metrics.json").is_file()
+
+
+def test_bad_patch_size_exits_nonzero_with_a_short_message(tmp_path):
+    result = _run("model.patch_size=5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "patch_size=5" in result.stderr and "valid patch sizes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_model_exits_nonzero_listing_the_choices(tmp_path):
+    result = _run("model=no_such_model", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "vit_tiny" in result.stderr and "Traceback" not in result.stderr
