@@ -21,6 +21,7 @@ GROUPS = [
     "logger",
     "experiment",
     "debug",
+    "sweep",
 ]
 
 

@@ -31,7 +31,15 @@ def _overrides(meta: dict, image_size: int) -> list[str]:
             f"model.channels_mlp_dim={config['channels_mlp_dim']}",
         ]
     resnet = config.get("resnet")
-    model = ["model=r_vit_ti16", f"model.stem.num_layers={list(resnet['num_layers'])}", f"model.stem.width_factor={resnet['width_factor']}"] if resnet else ["model=vit_ti16"]
+    model = (
+        [
+            "model=r_vit_ti16",
+            f"model.stem.num_layers={list(resnet['num_layers'])}",
+            f"model.stem.width_factor={resnet['width_factor']}",
+        ]
+        if resnet
+        else ["model=vit_ti16"]
+    )
     transformer = config["transformer"]
     return [
         *model,
@@ -61,13 +69,18 @@ def test_pretrained_key_loads_the_file_and_matches_jax_logits(path, make_cfg, tm
     np.testing.assert_allclose(logits, reference["logits"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("path", [p for p in FIXTURES if "mixer" not in p.stem], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in FIXTURES if "mixer" not in p.stem], ids=lambda p: p.stem
+)
 def test_pretrained_key_at_a_larger_image_size_matches_jax_resize(path, make_cfg, tmp_path):
     file, reference, meta = _official_file(path, tmp_path)
     cfg = make_cfg(*_overrides(meta, meta["resize"]["image_size"]), f"model.pretrained={file}")
     backbone = build_backbone(cfg.model)
     np.testing.assert_allclose(
-        backbone.pos_embed.pos_embedding.detach().numpy(), reference["resize/posemb"], atol=1e-5, rtol=0
+        backbone.pos_embed.pos_embedding.detach().numpy(),
+        reference["resize/posemb"],
+        atol=1e-5,
+        rtol=0,
     )
     logits = run(backbone, reference["resize/input"])
     np.testing.assert_allclose(logits, reference["resize/logits"], atol=1e-5, rtol=0)

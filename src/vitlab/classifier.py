@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from vitlab.errors import NonFiniteLossError
 from vitlab.optim import param_groups
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -97,7 +98,16 @@ class ImageClassifier(L.LightningModule):
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); usual causes: a learning rate too high "
+                "(optimizer.lr), float16 without loss scaling (trainer.precision=16-true; "
+                "use 16-mixed or bf16-mixed), or NaN/Inf in the data. "
+                "The checkpoints written before this step are kept."
+            )
+        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -21,3 +21,7 @@ class DataError(VitlabError, FileNotFoundError):
 
 class CheckpointError(VitlabError, ValueError):
     """A checkpoint or pretrained file that is missing, corrupt or of another architecture."""
+
+
+class NonFiniteLossError(VitlabError, FloatingPointError):
+    """The training loss became NaN or Inf: the run stops rather than train on garbage."""

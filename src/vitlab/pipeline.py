@@ -8,6 +8,7 @@ trainer) is a plain class that can also be built by hand without Hydra.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -22,10 +23,14 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from vitlab.checks import check_trainer
 from vitlab.classifier import ImageClassifier
 from vitlab.console import print_config_tree, print_metrics
 from vitlab.errors import ConfigError, VitlabError
 from vitlab.models.checkpoints import load_pretrained
+from vitlab.sweep import is_multirun, job_overrides, record_status, sweep_id
+
+log = logging.getLogger(__name__)
 
 _UNIQUE_DIRS: dict[str, str] = {}
 
@@ -83,21 +88,37 @@ def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClass
     )
 
 
-def _instantiate_group(group: DictConfig | None, key: str) -> list[Any]:
+def _instantiate_group(
+    group: DictConfig | None, key: str, sweep_name: str | None = None
+) -> list[Any]:
     """Each `_target_` node of a group (callbacks, logger) -> an object, in config order."""
     if not group:
         return []
     return [
-        instantiate(node, f"{key}.{name}")
+        instantiate(node, f"{key}.{name}", **_sweep_fields(node, sweep_name))
         for name, node in group.items()
         if node and "_target_" in node
     ]
 
 
+def _sweep_fields(node: DictConfig, sweep_name: str | None) -> dict[str, Any]:
+    """Inside a multirun, a W&B run is grouped by sweep, named by its overrides and tagged with them."""
+    if not (is_multirun() and str(node.get("_target_", "")).endswith("WandbLogger")):
+        return {}
+    overrides = job_overrides()
+    group = "_".join(part for part in (sweep_name, sweep_id()) if part)
+    return {
+        "group": node.get("group") or group,
+        "name": node.get("name") or ",".join(overrides) or None,
+        "tags": [*(node.get("tags") or []), *overrides],
+    }
+
+
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers."""
+    check_trainer(cfg.trainer)
     callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    loggers = _instantiate_group(cfg.get("logger"), "logger", cfg.get("sweep_name"))
     return instantiate(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **kwargs
     )
@@ -201,15 +222,39 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run `train` or `evaluate`, turning a `VitlabError` into a short message and exit status 2.
+def _finish_wandb(failed: bool) -> None:
+    """Close the W&B run, if one is open, so the next job of a multirun starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
-    Set HYDRA_FULL_ERROR=1 to get the traceback instead.
+
+def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run `train` or `evaluate` and record the outcome in `<run>/status.json`.
+
+    A `VitlabError` (the user's mistake) becomes a short message and exit status 2;
+    HYDRA_FULL_ERROR=1 shows the traceback instead. Inside a multirun a failed job
+    (any exception, a NaN loss included) is logged and returns NaN so that the
+    other jobs still run; `vitlab.sweep.SweepSummary` then fails the sweep.
     """
+    output_dir = cfg.paths.output_dir
     try:
-        return task(cfg)
-    except VitlabError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"\nError: {err}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        result = task(cfg)
+    except Exception as err:
+        record_status(output_dir, "failed", error=f"{type(err).__name__}: {err}")
+        _finish_wandb(failed=True)
+        if is_multirun():
+            log.error(
+                "Job failed: %s: %s",
+                type(err).__name__,
+                err,
+                exc_info=not isinstance(err, VitlabError),
+            )
+            return float("nan")
+        if isinstance(err, VitlabError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"\nError: {err}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    record_status(output_dir, "completed")
+    _finish_wandb(failed=False)
+    return result

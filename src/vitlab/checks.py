@@ -1,0 +1,51 @@
+"""Checks that need more than one config value, run before anything is built.
+
+Single values are checked where they are used (the model checks its patch size,
+the data module its batch); what is left here are the combinations that only the
+whole run config can judge, e.g. a precision the chosen accelerator cannot run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from vitlab.errors import ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+# Lightning also takes 16-true / bf16-true / 64-true; these three are the sweep axis.
+CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
+
+
+def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None) -> None:
+    """Refuse a GPU trainer without a GPU, and a precision the accelerator cannot run.
+
+    Lightning would accept `precision=16-mixed` on the CPU and run something other
+    than what the user asked for; we say so instead of running it silently.
+    """
+    gpu_available = torch.cuda.is_available() if gpu_available is None else gpu_available
+    accelerator = str(trainer.get("accelerator", "auto"))
+    precision = str(trainer.get("precision", "32-true"))
+    if accelerator in GPU_ACCELERATORS and not gpu_available:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; "
+            "use trainer=cpu (or trainer.accelerator=cpu), or trainer=default to pick the GPU when there is one"
+        )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu_available)
+    if on_cpu and precision not in CPU_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} needs a CUDA GPU (float16 autocast with loss scaling), "
+            f"but this run is on the CPU; valid on the CPU: {', '.join(CPU_PRECISIONS)}"
+        )
+    if (
+        not on_cpu
+        and gpu_available
+        and precision.startswith("bf16")
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise ConfigError(
+            f"trainer.precision={precision} needs a GPU with bfloat16 (Ampere or newer); "
+            "use trainer.precision=16-mixed or 32-true on this GPU"
+        )
