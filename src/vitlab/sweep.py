@@ -45,7 +45,11 @@ def record_status(output_dir: str | Path, status: str, error: str | None = None)
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: list failed jobs and make the exit status non-zero."""
+    """Create the multirun folder up front; at the end, list failed jobs and exit non-zero."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Sweepers may keep state there before any job runs (Optuna's sqlite storage).
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
