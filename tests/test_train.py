@@ -82,3 +82,11 @@ def test_default_demo_reaches_95_percent_test_accuracy(make_cfg, tmp_path):
     train(make_cfg())
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.95
+
+
+def test_every_logger_writes_offline(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(make_cfg("logger=many", *QUICK))
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

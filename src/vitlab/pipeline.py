@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,28 +154,49 @@ def _finish(metrics: dict[str, float], output_dir: str) -> None:
     print_metrics(metrics, output_dir)
 
 
+@contextmanager
+def _wandb_run_closed_after() -> Iterator[None]:
+    """Close the W&B run, if one is open, when the block ends: the next run (or the next
+    job of a multirun) must start its own, and a failure must be marked as one."""
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
+
+
+def _existing_checkpoint(ckpt_path: str) -> Path:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder"
+        )
+    return path
+
+
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, fit (resuming from `ckpt_path`), test the best checkpoint, return `optimized_metric`.
 
     The final metrics also go to `<run>/metrics.json`.
     """
-    _prepare(cfg)
-    datamodule = instantiate(cfg.data, "data")
-    model = build_classifier(cfg)
-    trainer = build_trainer(cfg)
+    with _wandb_run_closed_after():
+        _prepare(cfg)
+        datamodule = instantiate(cfg.data, "data")
+        model = build_classifier(cfg)
+        trainer = build_trainer(cfg)
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path:
+            _existing_checkpoint(ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = _scalars(trainer.callback_metrics)
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder"
-        )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = _scalars(trainer.callback_metrics)
-
-    if cfg.get("test"):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
-        metrics.update(_scalars(trainer.callback_metrics))
+        if cfg.get("test"):
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            metrics.update(_scalars(trainer.callback_metrics))
 
     _finish(metrics, cfg.paths.output_dir)
     metric_name = cfg.get("optimized_metric")
@@ -182,11 +204,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _run_config_from_checkpoint(ckpt_path: str) -> dict[str, Any]:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder"
-        )
+    path = _existing_checkpoint(ckpt_path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -212,21 +230,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if chosen is None or "_target_" not in chosen:  # not picked, or only `+key.field=...`
                 cfg[key] = OmegaConf.merge(run_cfg[key], chosen or {})
         cfg.classifier = run_cfg.get("classifier", {})
-    _prepare(cfg)
-    datamodule = instantiate(cfg.data, "data")
-    model = build_classifier(cfg, with_optimizer=False)
-    trainer = build_trainer(cfg)
-    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    metrics = _scalars(trainer.callback_metrics)
+    with _wandb_run_closed_after():
+        _prepare(cfg)
+        datamodule = instantiate(cfg.data, "data")
+        model = build_classifier(cfg, with_optimizer=False)
+        trainer = build_trainer(cfg)
+        trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        metrics = _scalars(trainer.callback_metrics)
     _finish(metrics, cfg.paths.output_dir)
     return metrics
-
-
-def _finish_wandb(failed: bool) -> None:
-    """Close the W&B run, if one is open, so the next job of a multirun starts its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
 
 
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -242,7 +254,6 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         result = task(cfg)
     except Exception as err:
         record_status(output_dir, "failed", error=f"{type(err).__name__}: {err}")
-        _finish_wandb(failed=True)
         if is_multirun():
             log.error(
                 "Job failed: %s: %s",
@@ -256,5 +267,4 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             raise SystemExit(2) from None
         raise
     record_status(output_dir, "completed")
-    _finish_wandb(failed=False)
     return result

@@ -1,0 +1,317 @@
+"""`src/compare.py` and `vitlab.reports` on sweep folders written by hand, as the pipeline writes them."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+from vitlab import reports
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH_SIZES = (4, 8)
+POS_EMBEDS = ("learned", "sincos2d")
+PRECISIONS = ("32-true", "bf16-mixed")
+GRID = list(itertools.product(PATCH_SIZES, POS_EMBEDS, PRECISIONS))
+FAILED_JOB = 5
+FAILURE = "NonFiniteLossError: the training loss became nan at step 7"
+VARIED = ["model.patch_size", "model.pos_embed", "trainer.precision"]
+PLOTS = ("val_acc_curves.png", "acc_vs_patch_size.png", "acc_vs_throughput.png")
+CSV_COLUMNS = [
+    "epoch", "step", "lr-AdamW/pg1", "train/loss_step", "val/acc", "val/loss",
+    "train/loss_epoch", "train/acc", "train/samples_per_sec", "test/acc",
+]  # fmt: skip
+
+
+def final_val_acc(patch_size: int, pos_embed: str, precision: str) -> float:
+    """Distinct for every grid point: smaller patches, learned positions and fp32 score higher."""
+    return round(
+        0.95
+        - 0.05 * (patch_size == 8)
+        - 0.02 * (pos_embed == "sincos2d")
+        - 0.01 * (precision == "bf16-mixed"),
+        4,
+    )
+
+
+def run_config(patch_size: int, pos_embed: str, precision: str) -> dict:
+    return {
+        "task_name": "train",
+        "optimized_metric": "val/acc",
+        "data": {"image_size": 8, "num_classes": 10},
+        "model": {
+            "_target_": "vitlab.models.VisionTransformer",
+            "image_size": "${data.image_size}",
+            "patch_size": patch_size,
+            "pos_embed": pos_embed,
+        },
+        "trainer": {"precision": precision, "max_epochs": 3},
+        "paths": {"output_dir": "${hydra:runtime.output_dir}"},
+    }
+
+
+def write_job(job: Path, patch_size: int, pos_embed: str, precision: str, failed: bool) -> None:
+    """One job folder: .hydra/, csv/metrics.csv (sparse rows), metrics.json, status.json."""
+    overrides = [
+        "sweep=patch_pos_precision",
+        f"model.patch_size={patch_size}",
+        f"model.pos_embed={pos_embed}",
+        f"trainer.precision={precision}",
+        "trainer.max_epochs=3",
+    ]
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump(run_config(patch_size, pos_embed, precision))
+    )
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN"}}))
+
+    acc = final_val_acc(patch_size, pos_embed, precision)
+    speed = 1000.0 / patch_size + (200.0 if precision == "bf16-mixed" else 0.0)
+    epochs = 1 if failed else 3
+    rows = []
+    for epoch in range(epochs):
+        step = 10 * (epoch + 1) - 1
+        rows.append({"step": step, "lr-AdamW/pg1": 1e-3})
+        rows.append({"epoch": epoch, "step": step, "train/loss_step": 2.0 - 0.5 * epoch})
+        rows.append(
+            {"epoch": epoch, "step": step, "val/acc": acc - 0.1 * (2 - epoch), "val/loss": 1.0}
+        )
+        rows.append(
+            {"epoch": epoch, "step": step, "train/loss_epoch": 1.5 - 0.4 * epoch,
+             "train/acc": acc, "train/samples_per_sec": speed}
+        )  # fmt: skip
+    if not failed:
+        rows.append({"epoch": 3, "step": 30, "test/acc": acc - 0.01})
+    (job / "csv").mkdir()
+    with (job / "csv" / "metrics.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    if not failed:
+        metrics = {
+            "val/acc": acc,
+            "test/acc": acc - 0.01,
+            "train/loss": 0.7,
+            "train/samples_per_sec": speed,
+        }
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    status = {
+        "status": "failed" if failed else "completed",
+        "error": FAILURE if failed else None,
+        "overrides": overrides,
+    }
+    (job / "status.json").write_text(json.dumps(status))
+
+
+def write_sweep(sweep: Path) -> Path:
+    """A 2 x 2 x 2 multirun folder (patch size x position encoding x precision), job 5 failed."""
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN"}}))
+    for number, point in enumerate(GRID):
+        write_job(sweep / str(number), *point, failed=number == FAILED_JOB)
+    return sweep
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    return write_sweep(tmp_path / "multiruns" / "2026-11-22_03-40-00")
+
+
+@pytest.fixture
+def wandb(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The `wandb` module, offline and quiet: runs are written under `wandb.init(dir=...)`."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    import wandb
+
+    return wandb
+
+
+def compare(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python src/compare.py args...`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "compare.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
+def test_compare_writes_the_table_and_plots_into_the_multirun_folder(sweep):
+    result = compare(sweep)
+    assert result.returncode == 0, result.stderr
+    assert "Runs by val/acc" in result.stdout and FAILURE in result.stdout
+    for name in ("compare.md", "compare.csv", *PLOTS):
+        assert (sweep / name).stat().st_size > 0, name
+    with (sweep / "compare.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8
+    markdown = (sweep / "compare.md").read_text().splitlines()
+    assert len(markdown) == 2 + 8 and "| job | model.patch_size |" in markdown[0]
+
+
+def test_every_job_is_read_the_failed_one_included(sweep):
+    runs = reports.load_runs([sweep])
+    assert [run.name for run in runs] == [str(n) for n in range(8)]
+    failed = runs[FAILED_JOB]
+    assert failed.status == "failed" and failed.error == FAILURE
+    assert failed.metrics == {}
+    assert len(failed.curve("val/acc")) == 1  # its partial history is still there to plot
+
+
+def test_varied_keys_are_exactly_the_three_grid_axes(sweep):
+    assert reports.varied_keys(reports.load_runs([sweep])) == VARIED
+
+
+def test_rows_are_sorted_by_the_optimized_metric_failed_job_last(sweep):
+    runs = reports.load_runs([sweep])
+    metric = reports.optimized_metric(runs)
+    table = reports.comparison_table(reports.sort_runs(runs, metric), VARIED, metric)
+    accs = [row["val/acc"] for row in table.rows]
+    assert metric == "val/acc"
+    assert accs[:-1] == sorted(accs[:-1], reverse=True) and accs[0] == 0.95
+    assert table.rows[-1]["job"] == str(FAILED_JOB) and table.rows[-1]["status"] == "failed"
+    assert accs[-1] is None and table.rows[-1]["error"] == FAILURE
+    assert table.columns[:5] == ["job", *VARIED, "status"]
+    assert {"test/acc", "train/loss", "train/samples_per_sec"} <= set(table.columns)
+
+
+def test_a_loss_metric_sorts_ascending(sweep):
+    runs = reports.load_runs([sweep])
+    for number, run in enumerate(runs):
+        if not run.failed:
+            run.metrics["val/loss"] = float(number % 3)
+    ordered = [run.metrics.get("val/loss") for run in reports.sort_runs(runs, "val/loss")]
+    assert ordered[:-1] == sorted(ordered[:-1]) and ordered[-1] is None
+
+
+def test_config_interpolations_are_resolved_where_they_can_be(sweep):
+    run = reports.load_run(sweep / "0")
+    assert run.config["model.image_size"] == 8
+    assert run.config["paths.output_dir"] == "${hydra:runtime.output_dir}"
+
+
+def test_run_folders_given_directly_are_compared_into_out(sweep, tmp_path):
+    out = tmp_path / "report"
+    result = compare(sweep / "0", sweep / "6", "--out", out)
+    assert result.returncode == 0, result.stderr
+    with (out / "compare.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["job"] for row in rows] == ["0", "6"]
+    assert list(rows[0])[:4] == ["job", "model.patch_size", "model.pos_embed", "status"]
+    assert all((out / name).stat().st_size > 0 for name in PLOTS)
+
+
+def test_one_run_folder_writes_into_itself(sweep):
+    result = compare(sweep / "3", "--metric", "test/acc")
+    assert result.returncode == 0, result.stderr
+    assert "Runs by test/acc" in result.stdout
+    assert (sweep / "3" / "compare.md").is_file()
+
+
+def test_plots_are_drawn_when_no_key_varies(sweep):
+    runs = [reports.load_run(sweep / "0")]
+    fig = reports.plot_metric_vs_patch_size(runs, "val/acc")
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
+
+
+def test_patch_size_plot_has_a_facet_per_precision_and_a_line_per_pos_embed(sweep):
+    fig = reports.plot_metric_vs_patch_size(reports.load_runs([sweep]), "val/acc")
+    assert [ax.get_title() for ax in fig.axes] == [
+        "trainer.precision=32-true",
+        "trainer.precision=bf16-mixed",
+    ]
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]
+
+
+def test_an_empty_folder_exits_nonzero_with_a_message(tmp_path):
+    result = compare(tmp_path)
+    assert result.returncode != 0
+    assert "No runs in" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_folder_exits_nonzero_with_a_message(tmp_path):
+    result = compare(tmp_path / "nope")
+    assert result.returncode != 0 and "No such folder" in result.stderr
+
+
+@pytest.mark.parametrize("shape", ["pipeline", "plain"])
+def test_a_wandb_only_job_is_read_from_its_offline_run_file(tmp_path, wandb, shape):
+    """Both config shapes: the pipeline's (the run config under `config`, as the classifier's
+    hyperparameter; the overrides as tags) and a config given to `wandb.init` directly."""
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    overrides = ["model.patch_size=8", "model.pos_embed=sincos2d"]
+    config = run_config(8, "sincos2d", "bf16-mixed")
+    run = wandb.init(
+        dir=job,
+        project="vitlab",
+        group="patch_pos_precision_2026-11-22_03-40-00",
+        name=",".join(overrides),
+        tags=["dev", *overrides],
+        config={"num_classes": 10, "config": config} if shape == "pipeline" else config,
+    )
+    for epoch, acc in enumerate((0.5, 0.7, 0.8)):
+        wandb.log({"val/acc": acc, "epoch": epoch, "trainer/global_step": 10 * epoch + 9})
+    wandb.log({"train/samples_per_sec": 640.0, "test/acc": 0.78})
+    run.finish()
+    assert list(job.glob("wandb/offline-run-*/run-*.wandb"))
+
+    [loaded] = reports.load_runs([job.parent])
+    assert loaded.status == "completed"
+    assert loaded.metrics["val/acc"] == 0.8 and loaded.metrics["test/acc"] == 0.78
+    assert loaded.metrics["train/samples_per_sec"] == 640.0
+    assert [row["val/acc"] for row in loaded.curve("val/acc")] == [0.5, 0.7, 0.8]
+    assert [row["step"] for row in loaded.curve("val/acc")] == [9, 19, 29]
+    assert loaded.config["model.patch_size"] == 8
+    assert loaded.config["trainer.precision"] == "bf16-mixed"
+    assert loaded.overrides == {"model.patch_size": "8", "model.pos_embed": "sincos2d"}
+
+
+def test_wandb_reader_stops_at_a_truncated_record(tmp_path, wandb):
+    run = wandb.init(dir=tmp_path, project="vitlab")
+    for step in range(3000):  # several 32 KiB blocks
+        wandb.log({"val/acc": step / 3000})
+    run.finish()
+    [path] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert path.stat().st_size > 2 * 32 * 1024
+    whole = reports.read_wandb_run(path)
+    assert [row["val/acc"] for row in whole.history] == [step / 3000 for step in range(3000)]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    half = reports.read_wandb_run(path)
+    assert 0 < len(half.history) < 3000 and half.exit_code is None
+
+
+def test_the_notebook_runs_on_a_sweep_given_by_the_environment(sweep, monkeypatch):
+    monkeypatch.setenv("VITLAB_SWEEP_DIR", str(sweep))
+    notebook = nbformat.read(ROOT / "notebooks" / "compare_sweep.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells), "store it without outputs"
+    client = NotebookClient(
+        notebook,
+        timeout=60,
+        kernel_name="python3",
+        resources={"metadata": {"path": ROOT / "notebooks"}},
+    )
+    client.execute()
+    assert all((sweep / name).stat().st_size > 0 for name in ("compare.md", *PLOTS))
+    images = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert len(images) == len(PLOTS)
