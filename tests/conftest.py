@@ -7,7 +7,8 @@ suite fast: `import lightning` costs seconds, and we pay it once.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,30 @@ def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> Di
 
 
 @pytest.fixture
-def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """`make_cfg("model=vit_tiny", ..., config_name="train")` -> a composed config writing to tmp_path."""
+def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """`make_cfg("model=vit_tiny", ..., config_name="train")` -> a composed config writing to tmp_path.
+
+    The Hydra state it sets (`${hydra:...}` resolves against it) is cleared afterwards,
+    so no later test sees this one's run.
+    """
 
     def make(*overrides: str, config_name: str = "train") -> DictConfig:
         return compose_config(config_name, list(overrides), tmp_path)
 
-    return make
+    yield make
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
+def wait_until_wandb_run_is_written(path: Path, timeout_s: float = 20.0) -> Path:
+    """Wait for the exit record of an offline `run-*.wandb` file.
+
+    `wandb.finish()` returns before wandb's service has flushed the file (its last
+    block can arrive a moment later), so a test that reads it at once can see a tail missing.
+    """
+    from vitlab.reports import read_wandb_run
+
+    deadline = time.monotonic() + timeout_s
+    while read_wandb_run(path).exit_code is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return path

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
+from tests.conftest import wait_until_wandb_run_is_written
 from vitlab import reports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +270,8 @@ def test_a_wandb_only_job_is_read_from_its_offline_run_file(tmp_path, wandb, sha
         wandb.log({"val/acc": acc, "epoch": epoch, "trainer/global_step": 10 * epoch + 9})
     wandb.log({"train/samples_per_sec": 640.0, "test/acc": 0.78})
     run.finish()
-    assert list(job.glob("wandb/offline-run-*/run-*.wandb"))
+    [path] = job.glob("wandb/offline-run-*/run-*.wandb")
+    wait_until_wandb_run_is_written(path)
 
     [loaded] = reports.load_runs([job.parent])
     assert loaded.status == "completed"
@@ -288,6 +290,7 @@ def test_wandb_reader_stops_at_a_truncated_record(tmp_path, wandb):
         wandb.log({"val/acc": step / 3000})
     run.finish()
     [path] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    wait_until_wandb_run_is_written(path)
     assert path.stat().st_size > 2 * 32 * 1024
     whole = reports.read_wandb_run(path)
     assert [row["val/acc"] for row in whole.history] == [step / 3000 for step in range(3000)]

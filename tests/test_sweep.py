@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import wait_until_wandb_run_is_written
 from vitlab.reports import read_wandb_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,18 @@ TINY = [
 def _multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=sweep_dir.parent, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "src" / "train.py"),
+            "-m",
+            *overrides,
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=sweep_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -54,7 +65,15 @@ def test_grid_sweep_runs_every_job_of_the_overridden_grid(tiny_grid):
     seen = set()
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        seen.add(tuple(sorted(o for o in overrides if not o.startswith(("trainer.limit", "trainer.max", "scheduler")))))
+        seen.add(
+            tuple(
+                sorted(
+                    o
+                    for o in overrides
+                    if not o.startswith(("trainer.limit", "trainer.max", "scheduler"))
+                )
+            )
+        )
         assert _status(job)["status"] == "completed"
         assert (job / ".hydra" / "config.yaml").is_file()
         assert (job / "csv" / "metrics.csv").is_file()
@@ -98,7 +117,7 @@ def test_wandb_run_of_a_job_has_the_sweep_group_its_overrides_as_name_and_tags_a
 ):
     sweep_dir, _ = sweep_with_a_failure
     (run_file,) = (sweep_dir / "1" / "wandb").glob("offline-run-*/run-*.wandb")
-    run = read_wandb_run(run_file)
+    run = read_wandb_run(wait_until_wandb_run_is_written(run_file))
     assert run.group == sweep_dir.name
     assert "model.patch_size=4" in run.name.split(",")
     assert "model.patch_size=4" in run.tags and "logger=wandb" in run.tags
@@ -112,5 +131,8 @@ def test_optuna_search_runs_its_trials_into_sqlite(tmp_path):
     result = _multirun(sweep_dir, "sweep=lr_wd_optuna", "hydra.sweeper.n_trials=2", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (sweep_dir / "optuna.db").is_file()
-    lrs = {json.loads((sweep_dir / job / "status.json").read_text())["overrides"][0] for job in ("0", "1")}
+    lrs = {
+        json.loads((sweep_dir / job / "status.json").read_text())["overrides"][0]
+        for job in ("0", "1")
+    }
     assert all(o.startswith("optimizer.lr=") for o in lrs) and len(lrs) == 2

@@ -11,7 +11,8 @@ model key by key and shape by shape before anything is copied.
 Loading follows the original's fine-tuning (`vit_jax/checkpoint.py:load_pretrained`):
 a head of another size stays freshly zero-initialised, a file's pre-logits are
 dropped (with its head) when the model has none, and the learned position table
-is resized bilinearly to the model's patch grid.
+is resized bilinearly to the model's patch grid. Official files always hold a
+learned position table, so only a `pos_embed="learned"` ViT loads or exports them.
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ def _resnet_links(stem: ResNetV2, ours: str) -> Iterator[_Link]:
 
 
 def _vit_links(model: VisionTransformer) -> Iterator[_Link]:
+    if not isinstance(model.pos_embed, LearnedPositionEmbedding):
+        raise CheckpointError(
+            f"official checkpoint files have a learned position embedding ({POSEMB}), and this "
+            f"model uses pos_embed={model.pos_embed.kind!r}; set `model.pos_embed=learned` to load "
+            "or export one (no other encoding has an official counterpart: sincos2d, none and "
+            "rope2d have no table, conditional's PEG conv is not in the files)"
+        )
     if model.stem is not None:
         if not isinstance(model.stem, ResNetV2):
             raise CheckpointError(
@@ -128,8 +136,7 @@ def _vit_links(model: VisionTransformer) -> Iterator[_Link]:
     yield from _conv("embedding", "patch_embed.proj")
     if model.cls_token is not None:
         yield _Link("cls_token", ("cls",))
-    if isinstance(model.pos_embed, LearnedPositionEmbedding):
-        yield _Link("pos_embed.pos_embedding", (POSEMB,))
+    yield _Link("pos_embed.pos_embedding", (POSEMB,))
     for i, block in enumerate(model.blocks):
         official, ours = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         yield from _norm(f"{official}LayerNorm_0", f"{ours}norm1")
@@ -405,6 +412,7 @@ def _build_vit(
         classifier=classifier,
         representation_size=arrays[PRE_LOGITS[0]].shape[1] if PRE_LOGITS[0] in arrays else None,
         stem=stem,
+        pos_embed="learned",
     )
 
 
@@ -441,10 +449,10 @@ def from_official_npz(
     """Build the ViT, hybrid or Mixer an official checkpoint holds and load it.
 
     The architecture comes from the file alone: widths, depth, heads and patch size
-    from the kernel shapes, `token` pooling if it has `cls` (else `gap`), pre-logits
-    if it has `pre_logits/*`, ResNet units per stage from `block*/unit*`, and the
-    image size from the position table's grid (or, for a Mixer, the token-mixing
-    width). `num_classes=None` keeps the file's head; another count gets a fresh
+    from the kernel shapes, `token` pooling if it has `cls` (else `gap`), always the
+    learned position embedding, pre-logits if it has `pre_logits/*`, ResNet units per
+    stage from `block*/unit*`, and the image size from the position table's grid (or,
+    for a Mixer, the token-mixing width). `num_classes=None` keeps the file's head; another count gets a fresh
     zero head. `image_size` other than the file's resizes the position table
     (ViT and hybrids only). The model takes NCHW float in [-1, 1] and is returned
     in eval mode.

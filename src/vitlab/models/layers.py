@@ -4,12 +4,15 @@ Each module mirrors one Flax module of google-research/vision_transformer
 (`vit_jax/models_vit.py`) and keeps its numerics: LayerNorm eps 1e-6, tanh GELU,
 attention scaled by 1/sqrt(head_dim). Query, key and value live in one fused
 `qkv` projection because one matmul is faster than three; `checkpoints.py`
-splits and joins them when reading or writing the official layout.
+splits and joins them when reading or writing the official layout. A rotary
+position encoding reaches the attention as an optional `rotate` argument (see
+`pos_embed.py`), so the blocks know nothing of which encoding a model uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,6 +22,8 @@ from torch import nn
 
 LAYER_NORM_EPS = 1e-6
 GeluApproximate = Literal["tanh", "none"]
+# Queries or keys (b, heads, n, head_dim) -> the same, rotated by token position.
+Rotate = Callable[[torch.Tensor], torch.Tensor]
 
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,8 @@ class Attention(nn.Module):
     """Multi-head self-attention through `F.scaled_dot_product_attention`.
 
     SDPA picks the flash / memory-efficient kernel when the device has one and
-    is exact math otherwise, so the numerics match the original on CPU.
+    is exact math otherwise, so the numerics match the original on CPU. It never
+    materialises the weights; `attention_weights` computes them for inspection.
 
     Attributes:
         hidden_size: token width; must be divisible by `num_heads`.
@@ -87,13 +93,32 @@ class Attention(nn.Module):
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(
+        self, x: torch.Tensor, rotate: Rotate | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = rearrange(
             self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         )
+        if rotate is not None:
+            q, k = rotate(q), rotate(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
+        """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE)."""
+        q, k, v = self._qkv(x, rotate)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return self.out(rearrange(x, "b h n d -> b n (h d)"))
+
+    def attention_weights(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
+        """Tokens (b, n, d) -> the weights softmax(q kᵀ / sqrt(head_dim)), (b, heads, n, n).
+
+        The weights `forward` applies, written out (without dropout) for inspection;
+        slower than SDPA and O(n²) in memory, so not used in `forward`.
+        """
+        q, k, _ = self._qkv(x, rotate)
+        scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / math.sqrt(q.shape[-1])
+        return scores.softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -152,6 +177,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(hidden_size, mlp_dim, dropout_rate, gelu_approximate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
+        """Tokens (b, n, d) -> (b, n, d); `rotate` is passed to the attention (see `Attention`)."""
+        x = x + self.drop(self.attn(self.norm1(x), rotate))
         return x + self.mlp(self.norm2(x))

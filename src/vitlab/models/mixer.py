@@ -69,6 +69,8 @@ class MlpMixer(nn.Module):
         hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim: the paper's Table 1.
         num_channels: input image channels.
         gelu_approximate: "tanh" as the original; "none" for exact GELU.
+        pos_embed: must be None. Accepted so that `model.pos_embed=...` on a Mixer
+            config fails with a message saying why, rather than as an unknown key.
     """
 
     def __init__(
@@ -82,8 +84,15 @@ class MlpMixer(nn.Module):
         channels_mlp_dim: int,
         num_channels: int = 3,
         gelu_approximate: GeluApproximate = "tanh",
+        pos_embed: None = None,
     ) -> None:
         super().__init__()
+        if pos_embed is not None:
+            raise ValueError(
+                f"MlpMixer has no position encoding: its token-mixing MLPs give each patch "
+                f"index its own weights, so they already know where every patch is; got "
+                f"pos_embed={pos_embed!r}. Remove model.pos_embed (it is only for ViT and hybrids)"
+            )
         if image_size % patch_size:
             valid = [p for p in range(1, image_size + 1) if image_size % p == 0]
             raise ValueError(

@@ -4,6 +4,10 @@ The same blocks in the same order as the original: (optional ResNet stem) ->
 patch embedding -> class token -> position embedding -> dropout -> encoder blocks
 -> encoder LayerNorm -> pooling (`token` or `gap`) -> optional tanh pre-logits ->
 zero-initialised head. Input is NCHW float in [-1, 1].
+
+`pos_embed` picks the position encoding (`pos_embed.py`); the default `learned` is
+the original's. The others act through the same three hooks, so the encoder loop
+has no branch per encoding.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from vitlab.models.layers import LAYER_NORM_EPS, Block, GeluApproximate, PatchEmbed, lecun_normal_
-from vitlab.models.pos_embed import LearnedPositionEmbedding
+from vitlab.models.pos_embed import PosEmbed, build_position_encoding
 
 Classifier = Literal["token", "gap"]
 
@@ -34,6 +38,10 @@ class VisionTransformer(nn.Module):
         gelu_approximate: "tanh" as the original; "none" for exact GELU (timm).
         stem: an `nn.Module` mapping NCHW images to a feature map, with attributes
             `out_channels` and `stride` (e.g. `ResNetV2`); None for plain ViT.
+        pos_embed: "learned" (the original), "sincos2d" (fixed, big_vision), "none",
+            "conditional" (CPVT's PEG after the first block) or "rope2d" (axial rotary
+            in every attention layer); every one works at another resolution at eval.
+            Only "learned" has an official checkpoint counterpart.
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class VisionTransformer(nn.Module):
         attention_dropout_rate: float = 0.0,
         gelu_approximate: GeluApproximate = "tanh",
         stem: nn.Module | None = None,
+        pos_embed: PosEmbed = "learned",
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
@@ -83,7 +92,13 @@ class VisionTransformer(nn.Module):
         self.cls_token = (
             nn.Parameter(torch.zeros(1, 1, hidden_size)) if classifier == "token" else None
         )
-        self.pos_embed = LearnedPositionEmbedding(self.num_prefix_tokens, grid, hidden_size)
+        self.pos_embed = build_position_encoding(
+            pos_embed,
+            num_prefix_tokens=self.num_prefix_tokens,
+            grid=grid,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+        )
         self.pos_drop = nn.Dropout(dropout_rate)
         self.blocks = nn.ModuleList(
             Block(
@@ -114,19 +129,39 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the optimizer should not decay (besides biases and norms)."""
-        return {"cls_token", "pos_embed.pos_embedding"}
+        return {"cls_token", *(f"pos_embed.{name}" for name in self.pos_embed.no_weight_decay())}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (b, c, H, W) -> encoded tokens (b, prefix + h*w, hidden_size), after the final LayerNorm."""
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (b, c, H, W) -> (tokens (b, prefix + h*w, hidden_size) entering block 0, (h, w))."""
         if self.stem is not None:
             x = self.stem(x)
         x, grid = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.pos_drop(self.pos_embed(x, grid))
-        for block in self.blocks:
-            x = block(x)
+        return self.pos_drop(self.pos_embed(x, grid)), grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (b, c, H, W) -> encoded tokens (b, prefix + h*w, hidden_size), after the final LayerNorm."""
+        x, grid = self._embed(x)
+        rotate = self.pos_embed.rotation(grid, x.device)
+        for index, block in enumerate(self.blocks):
+            x = self.pos_embed.after_block(index, block(x, rotate), grid)
         return self.norm(x)
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (b, c, H, W) -> each layer's attention weights, (b, num_heads, n, n), n = prefix + h*w.
+
+        softmax(q kᵀ / sqrt(head_dim)) written out, with the model's rotation of q and
+        k when it uses `rope2d`, row i being where token i looks. For inspection: call
+        it in eval mode and under `torch.no_grad()`; `forward` never computes these.
+        """
+        x, grid = self._embed(x)
+        rotate = self.pos_embed.rotation(grid, x.device)
+        maps = []
+        for index, block in enumerate(self.blocks):
+            maps.append(block.attn.attention_weights(block.norm1(x), rotate))
+            x = self.pos_embed.after_block(index, block(x, rotate), grid)
+        return maps
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Encoded tokens -> logits: pool (`token` or `gap`), pre-logits, head."""
