@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import vitlab.pipeline  # noqa: F401  (registers the `vitlab.unique` resolver)
+from vitlab.models import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -56,6 +58,20 @@ def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     yield make
     HydraConfig.instance().cfg = None
     GlobalHydra.instance().clear()
+
+
+def tiny_vit(**overrides: Any) -> VisionTransformer:
+    """A ViT small enough for any test: 16x16 RGB input, 4x4 patches, width 32, 2 layers, 10 classes."""
+    kwargs = dict(
+        image_size=16,
+        patch_size=4,
+        num_classes=10,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=64,
+    )
+    return VisionTransformer(**{**kwargs, **overrides})
 
 
 def wait_until_wandb_run_is_written(path: Path, timeout_s: float = 20.0) -> Path:

@@ -12,24 +12,12 @@ from einops import rearrange
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 from torch import nn
 
+from tests.conftest import tiny_vit
 from vitlab.errors import CheckpointError
 from vitlab.models import MlpMixer, ResNetV2, VisionTransformer, from_official_npz, load_pretrained
 from vitlab.models.checkpoints import save_official_npz, to_official
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def tiny_vit(**overrides) -> VisionTransformer:
-    kwargs = dict(
-        image_size=16,
-        patch_size=4,
-        num_classes=10,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        mlp_dim=64,
-    )
-    return VisionTransformer(**{**kwargs, **overrides})
 
 
 def tiny_hybrid() -> VisionTransformer:

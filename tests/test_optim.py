@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vitlab.models import VisionTransformer
+from tests.conftest import tiny_vit
 from vitlab.optim import constant, param_groups, warmup_cosine, warmup_linear
 
 
@@ -49,7 +49,7 @@ def test_warmup_longer_than_the_run_is_refused():
 
 
 def test_weight_decay_skips_biases_norms_position_embedding_and_class_token():
-    model = VisionTransformer(16, 4, 10, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+    model = tiny_vit(num_layers=1)
     decay, no_decay = param_groups(model, weight_decay=0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     named = dict(model.named_parameters())

@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 from omegaconf import DictConfig
 
+from tests import conftest
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.models import MlpMixer, ResNetV2, VisionTransformer, load_pretrained
 from vitlab.models.checkpoints import to_official
@@ -34,19 +35,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def tiny_vit(pos_embed: str, seed: int = 0, **overrides) -> VisionTransformer:
-    """A 16x16-input ViT with 4x4 patches (a 4x4 grid), in eval mode."""
+    """The suite's tiny ViT (a 4x4 grid of 4x4 patches) with this position encoding, in eval mode."""
     torch.manual_seed(seed)
-    kwargs = dict(
-        image_size=16,
-        patch_size=4,
-        num_classes=10,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        mlp_dim=64,
-        pos_embed=pos_embed,
-    )
-    return VisionTransformer(**{**kwargs, **overrides}).eval()
+    return conftest.tiny_vit(pos_embed=pos_embed, **overrides).eval()
 
 
 def images(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""`ImageDataModule`: what every vitlab datamodule shares.
+
+A subclass only builds `train_set`, `val_set` and `test_set` in `setup()`; this
+class turns them into DataLoaders. `batch_size` is the global batch, as in the
+paper's recipes: each device loads `batch_size / (world_size * accumulate_grad_batches)`,
+so the same config trains the same way on 1 or 64 devices. Val and test loaders
+keep every sample exactly once (sequential, no dropped remainder); the train
+loader shuffles and drops the last partial batch, as the original does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from vitlab.errors import ConfigError
+
+
+def _positive(key: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"data.{key}={value!r} must be a positive integer")
+    return value
+
+
+class ImageDataModule(LightningDataModule):
+    """Base for image-classification datamodules yielding `(images, labels)` batches.
+
+    Images are float32 (b, num_channels, image_size, image_size) in [-1, 1]; labels
+    int64 in [0, num_classes).
+
+    Attributes:
+        data_dir: where the dataset lives on disk (unused by in-memory datasets, kept
+            so that every data config has the same fields).
+        batch_size: the global batch: summed over devices and gradient-accumulation steps.
+        num_workers: DataLoader worker processes per device; 0 loads in the main process.
+        image_size: side of the square images the model sees, in pixels.
+        num_channels: image channels (3 for RGB, 1 for grey).
+        num_classes: number of labels.
+        pin_memory: page-lock batches for faster host-to-GPU copies (GPU runs only).
+    """
+
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int,
+        num_workers: int,
+        image_size: int,
+        num_channels: int,
+        num_classes: int,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r} must be 0 or a positive integer")
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.batch_size = _positive("batch_size", batch_size)
+        self.num_workers = num_workers
+        self.image_size = _positive("image_size", image_size)
+        self.num_channels = _positive("num_channels", num_channels)
+        self.num_classes = _positive("num_classes", num_classes)
+        self.pin_memory = pin_memory
+
+    @property
+    def per_device_batch_size(self) -> int:
+        """The DataLoader batch: global batch / (world size x accumulate_grad_batches).
+
+        Read from the attached trainer; without one, the global batch itself.
+        """
+        attached = self.trainer is not None
+        world_size = self.trainer.world_size if attached else 1
+        accumulate = self.trainer.accumulate_grad_batches if attached else 1
+        parts = world_size * accumulate
+        if self.batch_size % parts:
+            lower = self.batch_size // parts * parts
+            higher = lower + parts
+            divide = f"{lower} or {higher}" if lower else f"{higher}"
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is the global batch and must split evenly into "
+                f"world size {world_size} (trainer.devices x trainer.num_nodes) x "
+                f"trainer.accumulate_grad_batches={accumulate} = {parts} micro-batches; "
+                f"use a multiple of {parts} (e.g. {divide}) or change the devices/accumulation"
+            )
+        return self.batch_size // parts
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def _loader(
+        self,
+        dataset: Dataset,
+        train: bool,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> DataLoader:
+        batch_size = self.per_device_batch_size
+        if train and len(dataset) < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {len(dataset)} training "
+                f"samples, so no full batch exists; use data.batch_size <= {len(dataset)}"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
+        )

@@ -1,0 +1,106 @@
+"""`DigitsDataModule`: scikit-learn's bundled 8x8 handwritten digits, offline and fast.
+
+1797 grey images with values 0..16 in 10 classes, upsampled once to `image_size`
+and kept as one tensor in memory, so an epoch costs almost nothing but the model.
+The train/val/test split is stratified and drawn from its own fixed seed, so every
+run, whatever its global seed, sees the same test set. Training augmentation is a
+mild per-image random-resized crop done on whole batches; there is no horizontal
+flip, since digits are not mirror-symmetric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import torch
+from einops import repeat
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torchvision.transforms.v2 import functional as TF
+
+from vitlab.data.base import ImageDataModule
+from vitlab.data.transforms import BatchRandomResizedCrop
+from vitlab.errors import ConfigError
+
+DIGITS_MAX_VALUE = 16.0
+
+
+def _augmenting_collate(
+    samples: list[tuple[torch.Tensor, torch.Tensor]], augment: BatchRandomResizedCrop
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = default_collate(samples)
+    return augment(images), labels
+
+
+class DigitsDataModule(ImageDataModule):
+    """The default dataset: a ViT trains to >95% test accuracy on it in minutes on a CPU.
+
+    Attributes (beyond `ImageDataModule`'s):
+        train_crop_scale: (min, max) fraction of the image area a training crop covers.
+        train_crop_ratio: (min, max) aspect ratio of a training crop.
+        val_size, test_size: images held out for validation and test; the remaining
+            1797 - val_size - test_size train.
+        split_seed: seed of the split, independent of the run's seed.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 32,
+        num_channels: int = 1,
+        num_classes: int = 10,
+        pin_memory: bool = False,
+        train_crop_scale: Sequence[float] = (0.9, 1.0),
+        train_crop_ratio: Sequence[float] = (0.9, 1.1),
+        val_size: int = 200,
+        test_size: int = 300,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(
+            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory
+        )
+        if num_classes != 10:
+            raise ConfigError(
+                f"data.num_classes={num_classes} but digits has 10 classes; set data.num_classes=10"
+            )
+        if num_channels not in (1, 3):
+            raise ConfigError(
+                f"data.num_channels={num_channels} is not valid for digits; use 1 (grey) or 3 (grey repeated as RGB)"
+            )
+        self.augment = BatchRandomResizedCrop(train_crop_scale, train_crop_ratio)
+        self.val_size = val_size
+        self.test_size = test_size
+        self.split_seed = split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        digits = load_digits()
+        pixels = torch.as_tensor(digits.images, dtype=torch.float32) / (DIGITS_MAX_VALUE / 2) - 1.0
+        pixels = repeat(pixels, "n h w -> n c h w", c=self.num_channels)
+        # Bilinear upsampling mixes neighbours convexly, so values stay in [-1, 1].
+        images = TF.resize(pixels, [self.image_size, self.image_size], antialias=True)
+        labels = torch.as_tensor(digits.target, dtype=torch.int64)
+
+        rest, test = train_test_split(
+            np.arange(len(labels)),
+            test_size=self.test_size,
+            stratify=digits.target,
+            random_state=self.split_seed,
+        )
+        train, val = train_test_split(
+            rest,
+            test_size=self.val_size,
+            stratify=digits.target[rest],
+            random_state=self.split_seed,
+        )
+        self.train_set = TensorDataset(images[train], labels[train])
+        self.val_set = TensorDataset(images[val], labels[val])
+        self.test_set = TensorDataset(images[test], labels[test])
+
+    def train_dataloader(self) -> DataLoader:
+        collate = partial(_augmenting_collate, augment=self.augment)
+        return self._loader(self.train_set, train=True, collate_fn=collate)

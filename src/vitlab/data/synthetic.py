@@ -1,0 +1,56 @@
+"""`SyntheticDataModule`: random images of any shape, for benchmarks and tests.
+
+Images are uniform in [-1, 1] and labels uniform over the classes, drawn once from
+a fixed seed and kept in memory (num_samples x num_channels x image_size^2 x 4 bytes),
+so loading costs nothing and measurements see the model alone. Nothing is learnable
+and nothing is augmented.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import TensorDataset
+
+from vitlab.data.base import ImageDataModule
+
+
+class SyntheticDataModule(ImageDataModule):
+    """Random `(images, labels)` at the configured size, channels and classes.
+
+    Attributes (beyond `ImageDataModule`'s):
+        num_samples: size of the train split.
+        num_eval_samples: size of each of the val and test splits.
+        seed: seed of the generator; the data does not depend on the run's seed.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_size: int = 224,
+        num_channels: int = 3,
+        num_classes: int = 1000,
+        pin_memory: bool = False,
+        num_samples: int = 256,
+        num_eval_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory
+        )
+        self.num_samples = num_samples
+        self.num_eval_samples = num_eval_samples
+        self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self.train_set = self._random_split(self.num_samples, generator)
+        self.val_set = self._random_split(self.num_eval_samples, generator)
+        self.test_set = self._random_split(self.num_eval_samples, generator)
+
+    def _random_split(self, size: int, generator: torch.Generator) -> TensorDataset:
+        shape = (size, self.num_channels, self.image_size, self.image_size)
+        images = torch.rand(shape, generator=generator) * 2.0 - 1.0
+        labels = torch.randint(self.num_classes, (size,), generator=generator)
+        return TensorDataset(images, labels)
