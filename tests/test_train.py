@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -90,3 +92,12 @@ def test_every_logger_writes_offline(make_cfg, tmp_path, monkeypatch):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_run_folder_records_the_code_commit_and_package_versions(make_cfg, tmp_path):
+    train(make_cfg("debug=fdr"))
+    record = json.loads((tmp_path / "provenance.json").read_text())
+    assert record["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert record["packages"]["lightning"] == lightning.__version__
+    assert re.fullmatch(r"[0-9a-f]{40}", record["git_commit"]), "the suite runs from a git checkout"
+    assert isinstance(record["git_dirty"], bool)

@@ -29,6 +29,7 @@ from vitlab.classifier import ImageClassifier
 from vitlab.console import print_config_tree, print_metrics
 from vitlab.errors import ConfigError, VitlabError
 from vitlab.models.checkpoints import load_pretrained
+from vitlab.provenance import record_provenance
 from vitlab.sweep import is_multirun, job_overrides, record_status, sweep_id
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def _prepare(cfg: DictConfig) -> None:
         )
     if cfg.get("extras", {}).get("print_config"):
         print_config_tree(cfg)
+    record_provenance(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -1,0 +1,60 @@
+"""What code and which packages produced a run, written into its folder at the start.
+
+A result is only worth keeping if it can be traced back: `<run>/provenance.json`
+holds the git commit of the vitlab checkout and whether it had uncommitted changes,
+the Python version and the versions of the packages that decide the numerics.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "vitlab", "torch", "torchvision", "lightning", "torchmetrics",
+    "hydra-core", "omegaconf", "einops", "numpy", "wandb",
+)  # fmt: skip
+CODE_DIR = Path(__file__).resolve().parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=CODE_DIR, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """Git commit and dirty state of the code (None outside a git checkout), Python and package versions."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "command": sys.argv,
+        "packages": {name: _version(name) for name in PACKAGES},
+    }
+
+
+def record_provenance(output_dir: str | Path) -> None:
+    """Write `<output_dir>/provenance.json`."""
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
