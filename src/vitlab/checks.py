@@ -49,3 +49,39 @@ def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None)
             f"trainer.precision={precision} needs a GPU with bfloat16 (Ampere or newer); "
             "use trainer.precision=16-mixed or 32-true on this GPU"
         )
+
+
+def _require(condition: bool, key: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is not valid; {valid}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_run(cfg: Mapping[str, Any]) -> None:
+    """Refuse values whose owners (torch's optimizers, Lightning's Trainer) would fail late or obscurely.
+
+    Each message names the key, the value and what would be valid. The model, the
+    data, the classifier and the schedule check their own fields when they are built.
+    """
+    optimizer = cfg.get("optimizer") or {}
+    lr = optimizer.get("lr", 1.0)
+    _require(_is_number(lr) and lr > 0, "optimizer.lr", lr, "use a positive number, e.g. 1e-3")
+    weight_decay = optimizer.get("weight_decay", 0.0)
+    _require(
+        _is_number(weight_decay) and weight_decay >= 0,
+        "optimizer.weight_decay",
+        weight_decay,
+        "use a number >= 0",
+    )
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_steps", "max_epochs"):
+        value = trainer.get(key, -1)
+        _require(
+            value is None or value == -1 or (_is_number(value) and value > 0),
+            f"trainer.{key}",
+            value,
+            "use a positive number, or -1 for no limit",
+        )

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from vitlab.checks import check_trainer
+from vitlab.checks import check_run, check_trainer
 from vitlab.classifier import ImageClassifier
 from vitlab.console import print_config_tree, print_metrics
 from vitlab.errors import ConfigError, VitlabError
@@ -80,14 +81,20 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
 def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClassifier:
     """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss."""
     scheduler = cfg.get("scheduler") if with_optimizer else None
-    return ImageClassifier(
-        backbone=build_backbone(cfg.model),
-        optimizer=instantiate(cfg.optimizer, "optimizer") if with_optimizer else None,
-        scheduler=instantiate(scheduler, "scheduler") if scheduler else None,
-        num_classes=cfg.data.num_classes,
-        label_smoothing=cfg.get("classifier", {}).get("label_smoothing", 0.0),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    backbone = build_backbone(cfg.model)
+    try:
+        return ImageClassifier(
+            backbone=backbone,
+            optimizer=instantiate(cfg.optimizer, "optimizer") if with_optimizer else None,
+            scheduler=instantiate(scheduler, "scheduler") if scheduler else None,
+            num_classes=cfg.data.num_classes,
+            label_smoothing=cfg.get("classifier", {}).get("label_smoothing", 0.0),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    except ValueError as err:
+        if isinstance(err, VitlabError):
+            raise
+        raise ConfigError(f"Bad value under `classifier`: {err}") from err
 
 
 def _instantiate_group(
@@ -171,10 +178,16 @@ def _wandb_run_closed_after() -> Iterator[None]:
 
 
 def _existing_checkpoint(ckpt_path: str) -> Path:
+    """The checkpoint file, after a cheap check that it exists and is a whole torch zip archive."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path} does not exist; give a .ckpt file from a run's checkpoints/ folder"
+        )
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a PyTorch checkpoint (truncated, corrupt or another "
+            "format); use another file of the run's checkpoints/ folder, e.g. an epoch_*.ckpt"
         )
     return path
 
@@ -185,6 +198,7 @@ def train(cfg: DictConfig) -> float | None:
     The final metrics also go to `<run>/metrics.json`.
     """
     with _wandb_run_closed_after():
+        check_run(cfg)
         _prepare(cfg)
         datamodule = instantiate(cfg.data, "data")
         model = build_classifier(cfg)
