@@ -13,7 +13,9 @@ from vitlab.pipeline import train
 
 
 def test_float16_mixed_precision_on_the_cpu_is_refused_with_the_valid_choices():
-    with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed needs a CUDA GPU.*32-true, bf16-mixed"):
+    with pytest.raises(
+        ConfigError, match=r"trainer.precision=16-mixed needs a CUDA GPU.*32-true, bf16-mixed"
+    ):
         check_trainer({"accelerator": "cpu", "precision": "16-mixed"})
 
 
@@ -54,5 +56,7 @@ class _NaNBackbone(nn.Module):
 def test_nan_loss_stops_training_naming_the_step_and_the_usual_causes():
     module = ImageClassifier(_NaNBackbone(), num_classes=10)
     batch = (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(NonFiniteLossError, match=r"(?s)nan at step 0.*learning rate.*float16.*data"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"(?s)nan at step 0.*learning rate.*float16.*data"
+    ):
         module.training_step(batch, 0)

@@ -31,6 +31,7 @@ from vitlab.console import print_config_tree, print_metrics
 from vitlab.errors import ConfigError, VitlabError
 from vitlab.models.checkpoints import load_pretrained
 from vitlab.provenance import record_provenance
+from vitlab.signals import Interrupted, raise_if_interrupted
 from vitlab.sweep import is_multirun, job_overrides, record_status, sweep_id
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def train(cfg: DictConfig) -> float | None:
         if ckpt_path:
             _existing_checkpoint(ckpt_path)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        raise_if_interrupted(trainer)
         metrics = _scalars(trainer.callback_metrics)
 
         if cfg.get("test"):
@@ -263,11 +265,17 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     A `VitlabError` (the user's mistake) becomes a short message and exit status 2;
     HYDRA_FULL_ERROR=1 shows the traceback instead. Inside a multirun a failed job
     (any exception, a NaN loss included) is logged and returns NaN so that the
-    other jobs still run; `vitlab.sweep.SweepSummary` then fails the sweep.
+    other jobs still run; `vitlab.sweep.SweepSummary` then fails the sweep. A run
+    stopped by SIGTERM or Ctrl+C (`vitlab.signals.GracefulStop`) has saved `last.ckpt`
+    and exits 128 + the signal's number (143, 130), as a process that a signal ended.
     """
     output_dir = cfg.paths.output_dir
     try:
         result = task(cfg)
+    except Interrupted as err:
+        record_status(output_dir, "interrupted", error=str(err))
+        print(f"\n{err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     except Exception as err:
         record_status(output_dir, "failed", error=f"{type(err).__name__}: {err}")
         if is_multirun():

@@ -1,0 +1,156 @@
+"""Stop training cleanly on SIGTERM or SIGINT, leaving a checkpoint to resume from.
+
+A scheduler's SIGTERM (preemption, `scancel`, a time limit) or a Ctrl+C should not
+throw away the epoch in progress. `GracefulStop` turns the signal into a flag; at
+the next step boundary it writes `<dirpath>/last.ckpt`, the file `ModelCheckpoint`'s
+`save_last` writes, and stops the fit. `python src/train.py ckpt_path=<that file>`
+then continues from the same global step. The pipeline checks `interrupted_by` after
+`fit` and calls `raise_if_interrupted`, so the run exits non-zero (128 + the signal's
+number, as a shell reports a process killed by it) instead of looking finished.
+
+Lightning 2.x installs its own SIGTERM handler when `fit` starts; on a plain run it
+ends the fit with `SIGTERMException`, an exit status of 0 and no checkpoint. This
+callback therefore takes SIGTERM and SIGINT over for the training loop itself
+(`on_train_start` .. `on_train_end`, after Lightning has registered its handler)
+and hands them back afterwards. SIGUSR1, which Lightning's SLURM environment uses
+to requeue, is left alone. A second signal while the first is pending gets the
+handler that was there before (Lightning's, or Python's KeyboardInterrupt): press
+Ctrl+C twice to stop at once, without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from vitlab.errors import VitlabError
+from vitlab.sweep import job_overrides
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+
+
+class Interrupted(VitlabError):
+    """Training was stopped by a signal after saving a checkpoint; the message says how to resume.
+
+    `exit_code` is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), the
+    status a shell or scheduler expects of a process that a signal ended.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class GracefulStop(L.Callback):
+    """On SIGTERM or SIGINT, save `<dirpath>/last.ckpt` at the next step boundary and stop `fit`.
+
+    Attributes:
+        dirpath: Folder of the checkpoint; give the `ModelCheckpoint`'s folder
+            (`<run>/checkpoints`) so that the file is the run's usual `last.ckpt`.
+        interrupted_by: After `fit`, the signal's name (`"SIGTERM"`) if one stopped
+            training, else None.
+        checkpoint: The checkpoint written on the signal, else None.
+        message: The one-line report (signal, step, checkpoint, how to resume), else None.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.interrupted_by: str | None = None
+        self.checkpoint: Path | None = None
+        self.message: str | None = None
+        self._received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._received = None
+        self.interrupted_by = self.checkpoint = self.message = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._received is None:
+            self._received = signal.Signals(signum)
+            log.warning(
+                "Received %s: stopping after this step (send it again to stop at once).",
+                self._received.name,
+            )
+            return
+        previous = self._previous.get(signal.Signals(signum))
+        self._restore_handlers()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_signalled(trainer)  # a signal after the last step still gets its checkpoint
+        self._restore_handlers()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handlers()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        received = self._received is not None and self.checkpoint is None
+        if trainer.world_size > 1:  # every rank must stop at the same step
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
+            return
+        name = self._received.name if self._received is not None else "SIGTERM"
+        path = Path(self.dirpath) / LAST_CHECKPOINT
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        self.interrupted_by, self.checkpoint = name, path
+        resume = shlex.join(
+            [
+                "python",
+                "src/train.py",
+                *(o for o in job_overrides() if not o.startswith(("ckpt_path=", "+ckpt_path="))),
+                f"ckpt_path={path}",
+            ]
+        )
+        self.message = (
+            f"Stopped by {name} at step {trainer.global_step}; checkpoint: {path}. "
+            f"Resume with: {resume}"
+        )
+        log.warning(self.message)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def raise_if_interrupted(trainer: L.Trainer) -> None:
+    """Raise `Interrupted` if a `GracefulStop` callback of `trainer` stopped its last `fit`."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, GracefulStop) and callback.interrupted_by is not None:
+            signum = signal.Signals[callback.interrupted_by]
+            raise Interrupted(callback.message or f"Stopped by {callback.interrupted_by}", signum)
