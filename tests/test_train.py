@@ -46,6 +46,20 @@ def test_eval_of_the_best_checkpoint_reproduces_the_test_accuracy(make_cfg, tmp_
     assert eval_metrics["test/acc"] == pytest.approx(train_metrics["test/acc"], abs=1e-6)
 
 
+def test_eval_changes_one_field_of_the_saved_data_config(make_cfg, tmp_path):
+    train(make_cfg("debug=fdr", "trainer.fast_dev_run=false", *QUICK))
+    eval_cfg = make_cfg(
+        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+        "+data.batch_size=50",
+        config_name="eval",
+    )
+    evaluate(eval_cfg)
+    assert eval_cfg.data.batch_size == 50
+    assert eval_cfg.data._target_ == "vitlab.data.DigitsDataModule", (
+        "the rest comes from the checkpoint"
+    )
+
+
 def test_checkpoints_load_with_weights_only(make_cfg, tmp_path):
     train(make_cfg("debug=fdr", "trainer.fast_dev_run=false", *QUICK))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
