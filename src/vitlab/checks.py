@@ -1,8 +1,10 @@
-"""Checks that need more than one config value, run before anything is built.
+"""Config checks that no object owns, run before anything is built.
 
-Single values are checked where they are used (the model checks its patch size,
-the data module its batch); what is left here are the combinations that only the
-whole run config can judge, e.g. a precision the chosen accelerator cannot run.
+Most values are checked where they are used (the model checks its patch size, the
+data module its batch, the schedule its warmup). What is left here: combinations
+only the whole run config can judge (a precision the accelerator cannot run), and
+values whose owners, torch's optimizers and Lightning's Trainer, would refuse late
+or obscurely (a non-positive learning rate, `max_steps=0`).
 """
 
 from __future__ import annotations

@@ -83,18 +83,18 @@ def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClass
     """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss."""
     scheduler = cfg.get("scheduler") if with_optimizer else None
     backbone = build_backbone(cfg.model)
+    optimizer = instantiate(cfg.optimizer, "optimizer") if with_optimizer else None
+    scheduler = instantiate(scheduler, "scheduler") if scheduler else None
     try:
         return ImageClassifier(
             backbone=backbone,
-            optimizer=instantiate(cfg.optimizer, "optimizer") if with_optimizer else None,
-            scheduler=instantiate(scheduler, "scheduler") if scheduler else None,
+            optimizer=optimizer,
+            scheduler=scheduler,
             num_classes=cfg.data.num_classes,
             label_smoothing=cfg.get("classifier", {}).get("label_smoothing", 0.0),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-    except ValueError as err:
-        if isinstance(err, VitlabError):
-            raise
+    except ValueError as err:  # the classifier's own fields, e.g. label_smoothing
         raise ConfigError(f"Bad value under `classifier`: {err}") from err
 
 
@@ -200,13 +200,13 @@ def train(cfg: DictConfig) -> float | None:
     """
     with _wandb_run_closed_after():
         check_run(cfg)
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path:
+            _existing_checkpoint(ckpt_path)
         _prepare(cfg)
         datamodule = instantiate(cfg.data, "data")
         model = build_classifier(cfg)
         trainer = build_trainer(cfg)
-        ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path:
-            _existing_checkpoint(ckpt_path)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         raise_if_interrupted(trainer)
         metrics = _scalars(trainer.callback_metrics)

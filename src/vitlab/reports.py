@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from vitlab.errors import VitlabError
+from vitlab.sweep import STATUS_FILE
 
 if TYPE_CHECKING:
     from wandb.proto.wandb_internal_pb2 import Record
@@ -99,7 +100,7 @@ class Run:
 
 def is_run_dir(path: Path) -> bool:
     """True if `path` is a run or job folder (it has the pipeline's or a logger's files)."""
-    markers = (".hydra", "status.json", "metrics.json", "csv/metrics.csv", "wandb")
+    markers = (".hydra", STATUS_FILE, "metrics.json", "csv/metrics.csv", "wandb")
     return path.is_dir() and any((path / marker).exists() for marker in markers)
 
 
@@ -154,7 +155,7 @@ def load_runs(paths: Iterable[Path | str]) -> list[Run]:
 def load_run(path: Path, name: str | None = None) -> Run:
     """Read one run folder (see the module docstring for the files and their precedence)."""
     run = Run(path=path, name=name or path.name)
-    status = _read_json(path / "status.json")
+    status = _read_json(path / STATUS_FILE)
     if status:
         run.status, run.error = status.get("status", "unknown"), status.get("error")
     overrides_file = path / ".hydra" / "overrides.yaml"
