@@ -7,23 +7,68 @@ attention scaled by 1/sqrt(head_dim). Query, key and value live in one fused
 splits and joins them when reading or writing the official layout. A rotary
 position encoding reaches the attention as an optional `rotate` argument (see
 `pos_embed.py`), so the blocks know nothing of which encoding a model uses.
+
+Two scale knobs live here because every model shares them: `attention_backend`
+pins the SDPA kernel (`sdpa_kernel`), and `checkpointed` runs a block under
+activation checkpointing. Both leave the parameters and the numerics alone.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from vitlab.errors import ConfigError
 
 LAYER_NORM_EPS = 1e-6
 GeluApproximate = Literal["tanh", "none"]
 # Queries or keys (b, heads, n, head_dim) -> the same, rotated by token position.
 Rotate = Callable[[torch.Tensor], torch.Tensor]
+# "auto" lets PyTorch pick per call; the others pin one SDPA kernel.
+AttentionBackend = Literal["auto", "math", "flash", "mem_efficient", "cudnn"]
+SDPA_BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "mem_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
+def sdpa_backend(name: str) -> SDPBackend | None:
+    """The SDPA kernel an `attention_backend` value pins, or None for "auto".
+
+    Raises ConfigError naming `model.attention_backend`, the value and the valid
+    choices, so a typo fails when the model is built rather than on the first step.
+    """
+    if name not in SDPA_BACKENDS:
+        raise ConfigError(
+            f"model.attention_backend={name!r} is not one of {list(get_args(AttentionBackend))}"
+        )
+    return SDPA_BACKENDS[name]
+
+
+def checkpointed(block: nn.Module, *args: Any, enabled: bool) -> torch.Tensor:
+    """`block(*args)`, under activation checkpointing when `enabled` and it matters.
+
+    Checkpointing keeps only the block's input for backward and recomputes the rest
+    then: about one block's activations in memory instead of every block's, for one
+    more forward pass. It is skipped in eval mode and under `torch.no_grad()`, where
+    nothing is kept for backward anyway. Non-reentrant (`use_reentrant=False`), so
+    it works with `torch.compile`, with inputs that need no grad, and replays the
+    same dropout masks (the RNG state is restored for the recomputation).
+    """
+    if enabled and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -64,20 +109,31 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through `F.scaled_dot_product_attention`.
 
-    SDPA picks the flash / memory-efficient kernel when the device has one and
-    is exact math otherwise, so the numerics match the original on CPU. It never
-    materialises the weights; `attention_weights` computes them for inspection.
+    With `attention_backend="auto"` SDPA picks a fused kernel (flash, memory-efficient,
+    cuDNN) when the device and dtype have one and exact math otherwise; every kernel
+    computes the same softmax attention, to float rounding. It never materialises
+    the weights; `attention_weights` computes them for inspection.
 
     Attributes:
         hidden_size: token width; must be divisible by `num_heads`.
         num_heads: number of attention heads.
         attention_dropout_rate: dropout on the attention weights (training only).
+        attention_backend: "auto", or the one SDPA kernel to use: "math" (runs
+            everywhere), "flash" (CUDA float16/bfloat16, and the CPU),
+            "mem_efficient" or "cudnn" (CUDA only). A pinned kernel that cannot run
+            these inputs raises ConfigError on the first forward.
     """
 
     def __init__(
-        self, hidden_size: int, num_heads: int, attention_dropout_rate: float = 0.0
+        self,
+        hidden_size: int,
+        num_heads: int,
+        attention_dropout_rate: float = 0.0,
+        attention_backend: AttentionBackend = "auto",
     ) -> None:
         super().__init__()
+        self.attention_backend = attention_backend
+        self.sdpa_backend = sdpa_backend(attention_backend)
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
@@ -107,8 +163,29 @@ class Attention(nn.Module):
         """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE)."""
         q, k, v = self._qkv(x, rotate)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        x = self._sdpa(q, k, v, dropout_p)
         return self.out(rearrange(x, "b h n d -> b n (h d)"))
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+    ) -> torch.Tensor:
+        """SDPA on (b, heads, n, head_dim), through the pinned kernel if there is one."""
+        if self.sdpa_backend is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        try:
+            with sdpa_kernel(self.sdpa_backend):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        except RuntimeError as err:
+            if "No viable backend" not in str(err):
+                raise
+            raise ConfigError(
+                f"model.attention_backend={self.attention_backend!r} has no kernel for this "
+                f"attention ({q.device.type}, {q.dtype}, head_dim {q.shape[-1]}). "
+                "On the CPU only 'math' and 'flash' exist; on CUDA 'flash' and 'cudnn' need "
+                "float16/bfloat16 (e.g. trainer.precision=bf16-mixed), and torch's warnings "
+                "above say which other condition failed. 'auto' picks a kernel that can run; "
+                "'math' runs everywhere"
+            ) from err
 
     def attention_weights(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
         """Tokens (b, n, d) -> the weights softmax(q kᵀ / sqrt(head_dim)), (b, heads, n, n).
@@ -159,6 +236,7 @@ class Block(nn.Module):
         dropout_rate: dropout after attention and inside the MLP.
         attention_dropout_rate: dropout on attention weights.
         gelu_approximate: see `Mlp`.
+        attention_backend: see `Attention`.
     """
 
     def __init__(
@@ -169,10 +247,11 @@ class Block(nn.Module):
         dropout_rate: float = 0.0,
         attention_dropout_rate: float = 0.0,
         gelu_approximate: GeluApproximate = "tanh",
+        attention_backend: AttentionBackend = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        self.attn = Attention(hidden_size, num_heads, attention_dropout_rate)
+        self.attn = Attention(hidden_size, num_heads, attention_dropout_rate, attention_backend)
         self.drop = nn.Dropout(dropout_rate)
         self.norm2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(hidden_size, mlp_dim, dropout_rate, gelu_approximate)

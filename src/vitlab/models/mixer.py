@@ -5,6 +5,9 @@ MixerBlocks (token mixing across patches, then channel mixing per patch) ->
 `pre_head_layer_norm` -> mean over tokens -> zero-initialised head. No position
 encoding: token mixing sees the patches in a fixed order. Input is NCHW float in
 [-1, 1].
+
+Two of ViT's scale knobs apply: `grad_checkpointing` and `channels_last` (for the
+patch-embedding conv). There is no attention, so no `attention_backend`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from vitlab.models.layers import LAYER_NORM_EPS, GeluApproximate, Mlp, PatchEmbed, lecun_normal_
+from vitlab.errors import ConfigError
+from vitlab.models.layers import (
+    LAYER_NORM_EPS,
+    GeluApproximate,
+    Mlp,
+    PatchEmbed,
+    checkpointed,
+    lecun_normal_,
+)
 
 
 def _mixer_mlp(dim: int, mlp_dim: int, gelu_approximate: GeluApproximate) -> Mlp:
@@ -71,6 +82,12 @@ class MlpMixer(nn.Module):
         gelu_approximate: "tanh" as the original; "none" for exact GELU.
         pos_embed: must be None. Accepted so that `model.pos_embed=...` on a Mixer
             config fails with a message saying why, rather than as an unknown key.
+        grad_checkpointing: recompute each MixerBlock's activations in backward
+            instead of keeping them (while training only).
+        attention_backend: must be None, for the reason `pos_embed` must: Mixer has
+            no attention, so `model.attention_backend=...` fails saying so.
+        channels_last: keep the patch-embedding conv's weight and input in
+            channels-last (NHWC) memory. Same outputs, same state dict.
     """
 
     def __init__(
@@ -85,8 +102,17 @@ class MlpMixer(nn.Module):
         num_channels: int = 3,
         gelu_approximate: GeluApproximate = "tanh",
         pos_embed: None = None,
+        grad_checkpointing: bool = False,
+        attention_backend: None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if attention_backend is not None:
+            raise ConfigError(
+                f"MlpMixer has no attention layers, so there is no attention kernel to pick; got "
+                f"model.attention_backend={attention_backend!r}. Remove model.attention_backend "
+                "(it is only for ViT and hybrids)"
+            )
         if pos_embed is not None:
             raise ValueError(
                 f"MlpMixer has no position encoding: its token-mixing MLPs give each patch "
@@ -103,6 +129,8 @@ class MlpMixer(nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.hidden_dim = hidden_dim
+        self.grad_checkpointing = grad_checkpointing
+        self.channels_last = channels_last
         num_tokens = (image_size // patch_size) ** 2
 
         self.stem = PatchEmbed(patch_size, num_channels, hidden_dim)
@@ -115,12 +143,16 @@ class MlpMixer(nn.Module):
         if num_classes:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if channels_last:
+            self.stem.to(memory_format=torch.channels_last)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (b, c, H, W) -> mixed tokens (b, h*w, hidden_dim), after `pre_head_layer_norm`."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x, _ = self.stem(x)
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed(block, x, enabled=self.grad_checkpointing)
         return self.pre_head_layer_norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ zero-initialised head. Input is NCHW float in [-1, 1].
 `pos_embed` picks the position encoding (`pos_embed.py`); the default `learned` is
 the original's. The others act through the same three hooks, so the encoder loop
 has no branch per encoding.
+
+Three scale knobs, off by default, change how the model runs but not what it
+computes nor its parameters: `grad_checkpointing` (recompute each block's
+activations in backward), `attention_backend` (pin the SDPA kernel) and
+`channels_last` (NHWC memory for the stem and patch-embedding convs).
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vitlab.models.layers import LAYER_NORM_EPS, Block, GeluApproximate, PatchEmbed, lecun_normal_
+from vitlab.models.layers import (
+    LAYER_NORM_EPS,
+    AttentionBackend,
+    Block,
+    GeluApproximate,
+    PatchEmbed,
+    checkpointed,
+    lecun_normal_,
+)
 from vitlab.models.pos_embed import PosEmbed, build_position_encoding
 
 Classifier = Literal["token", "gap"]
@@ -42,6 +55,13 @@ class VisionTransformer(nn.Module):
             "conditional" (CPVT's PEG after the first block) or "rope2d" (axial rotary
             in every attention layer); every one works at another resolution at eval.
             Only "learned" has an official checkpoint counterpart.
+        grad_checkpointing: recompute each encoder block's activations in backward
+            instead of keeping them (while training only); the stem is not checkpointed.
+        attention_backend: "auto" (PyTorch picks) or the SDPA kernel to pin: "math",
+            "flash", "mem_efficient", "cudnn" (see `layers.Attention`).
+        channels_last: keep the stem's and the patch embedding's conv weights, and
+            their inputs, in channels-last (NHWC) memory, which the GPU's tensor-core
+            conv kernels prefer. Same outputs, same state dict.
     """
 
     def __init__(
@@ -61,6 +81,9 @@ class VisionTransformer(nn.Module):
         gelu_approximate: GeluApproximate = "tanh",
         stem: nn.Module | None = None,
         pos_embed: PosEmbed = "learned",
+        grad_checkpointing: bool = False,
+        attention_backend: AttentionBackend = "auto",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
@@ -82,6 +105,8 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.classifier = classifier
+        self.grad_checkpointing = grad_checkpointing
+        self.channels_last = channels_last
         self.num_prefix_tokens = 1 if classifier == "token" else 0
         grid = (feature_size // patch_size, feature_size // patch_size)
 
@@ -108,6 +133,7 @@ class VisionTransformer(nn.Module):
                 dropout_rate,
                 attention_dropout_rate,
                 gelu_approximate,
+                attention_backend,
             )
             for _ in range(num_layers)
         )
@@ -126,6 +152,10 @@ class VisionTransformer(nn.Module):
         if num_classes:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if channels_last:
+            self.patch_embed.to(memory_format=torch.channels_last)
+            if stem is not None:
+                stem.to(memory_format=torch.channels_last)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the optimizer should not decay (besides biases and norms)."""
@@ -133,6 +163,8 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images (b, c, H, W) -> (tokens (b, prefix + h*w, hidden_size) entering block 0, (h, w))."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.stem is not None:
             x = self.stem(x)
         x, grid = self.patch_embed(x)
@@ -145,7 +177,8 @@ class VisionTransformer(nn.Module):
         x, grid = self._embed(x)
         rotate = self.pos_embed.rotation(grid, x.device)
         for index, block in enumerate(self.blocks):
-            x = self.pos_embed.after_block(index, block(x, rotate), grid)
+            x = checkpointed(block, x, rotate, enabled=self.grad_checkpointing)
+            x = self.pos_embed.after_block(index, x, grid)
         return self.norm(x)
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
