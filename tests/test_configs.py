@@ -74,10 +74,8 @@ def test_unknown_option_lists_the_valid_choices(make_cfg):
 
 def test_run_folders_are_dated_and_unique():
     hydra_cfg = yaml.safe_load((Path(CONF_DIR) / "hydra" / "default.yaml").read_text())
-    assert (
-        hydra_cfg["run"]["dir"]
-        == "${vitlab.unique:${paths.log_dir}/${task_name}/runs/${now:%Y-%m-%d}_${now:%H-%M-%S}}"
-    )
+    fresh = "${vitlab.unique:${paths.log_dir}/${task_name}/runs/${now:%Y-%m-%d}_${now:%H-%M-%S}}"
+    assert hydra_cfg["run"]["dir"] == f"${{vitlab.run_folder:${{oc.select:run_dir,null}},{fresh}}}"
     assert (
         hydra_cfg["sweep"]["dir"]
         == "${vitlab.unique:${paths.log_dir}/${task_name}/multiruns/${now:%Y-%m-%d}_${now:%H-%M-%S}}"

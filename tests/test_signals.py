@@ -17,7 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from vitlab.signals import GracefulStop, Interrupted, raise_if_interrupted
+from vitlab.signals import GracefulStop, Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_STOP = "++callbacks.graceful_stop={_target_: vitlab.signals.GracefulStop, dirpath: ${paths.output_dir}/checkpoints}"
@@ -34,54 +34,44 @@ class SendSignalAt(L.Callback):
             signal.raise_signal(self.signum)
 
 
-def _fit_with_signal(tmp_path: Path, signum: int) -> tuple[L.Trainer, GracefulStop]:
-    stop = GracefulStop(dirpath=str(tmp_path / "checkpoints"))
-    trainer = L.Trainer(
+def _trainer(tmp_path: Path, *callbacks: L.Callback, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(
         default_root_dir=tmp_path,
-        max_epochs=1,
-        limit_train_batches=20,
         limit_val_batches=0,
-        callbacks=[SendSignalAt(signum, batch_idx=2), stop],
+        callbacks=list(callbacks),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **kwargs,
     )
-    trainer.fit(BoringModel())
-    return trainer, stop
 
 
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_saves_last_ckpt_at_the_step_boundary_and_stops(tmp_path, signum, exit_code):
+def test_a_signal_saves_last_ckpt_at_the_step_boundary_and_raises(tmp_path, signum, exit_code):
     handler_before = signal.getsignal(signum)
-    trainer, stop = _fit_with_signal(tmp_path, signum)
+    stop = GracefulStop(dirpath=str(tmp_path / "checkpoints"))
+    trainer = _trainer(
+        tmp_path, SendSignalAt(signum, batch_idx=2), stop, max_epochs=1, limit_train_batches=20
+    )
+    with pytest.raises(Interrupted, match=r"at step 3; checkpoint: .*last\.ckpt") as err:
+        trainer.fit(BoringModel())
 
-    assert trainer.global_step == 3 and trainer.should_stop
+    assert err.value.exit_code == exit_code
+    assert trainer.global_step == 3
     assert stop.interrupted_by == signal.Signals(signum).name
     assert stop.checkpoint == tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(stop.checkpoint, weights_only=True)["global_step"] == 3
     assert signal.getsignal(signum) is handler_before
-    with pytest.raises(Interrupted, match=r"at step 3; checkpoint: .*last\.ckpt") as err:
-        raise_if_interrupted(trainer)
-    assert err.value.exit_code == exit_code
 
 
 def test_a_fit_without_a_signal_is_not_interrupted(tmp_path):
     stop = GracefulStop(dirpath=str(tmp_path / "checkpoints"))
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=3,
-        limit_val_batches=0,
-        callbacks=[stop],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _trainer(tmp_path, stop, max_steps=3)
     trainer.fit(BoringModel())
 
+    assert trainer.global_step == 3
     assert stop.interrupted_by is None and not (tmp_path / "checkpoints").exists()
-    raise_if_interrupted(trainer)
 
 
 def _train_py(*args: str, cwd: Path, stdout: Any) -> subprocess.Popen:

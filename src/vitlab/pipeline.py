@@ -22,16 +22,20 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from vitlab.checkpoint_io import AtomicCheckpointIO
 from vitlab.checks import check_run, check_trainer
 from vitlab.classifier import ImageClassifier
 from vitlab.console import print_config_tree, print_metrics
-from vitlab.errors import ConfigError, VitlabError
+from vitlab.errors import ConfigError, VitlabError, exit_with
 from vitlab.models.checkpoints import load_pretrained
 from vitlab.provenance import record_provenance
-from vitlab.signals import Interrupted, raise_if_interrupted
+from vitlab.resume import config_subdir, resolve_ckpt_path, run_folder, wandb_run_id
+from vitlab.signals import Interrupted
 from vitlab.sweep import is_multirun, job_overrides, record_status, sweep_id
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ def unique_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("vitlab.unique", unique_dir, replace=True)
+OmegaConf.register_new_resolver("vitlab.run_folder", run_folder, replace=True)
+OmegaConf.register_new_resolver("vitlab.config_subdir", config_subdir, replace=True)
 
 
 def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
@@ -98,40 +104,48 @@ def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClass
         raise ConfigError(f"Bad value under `classifier`: {err}") from err
 
 
-def _instantiate_group(
-    group: DictConfig | None, key: str, sweep_name: str | None = None
-) -> list[Any]:
+def _instantiate_group(group: DictConfig | None, key: str, cfg: DictConfig) -> list[Any]:
     """Each `_target_` node of a group (callbacks, logger) -> an object, in config order."""
     if not group:
         return []
     return [
-        instantiate(node, f"{key}.{name}", **_sweep_fields(node, sweep_name))
+        instantiate(node, f"{key}.{name}", **_wandb_fields(node, cfg))
         for name, node in group.items()
         if node and "_target_" in node
     ]
 
 
-def _sweep_fields(node: DictConfig, sweep_name: str | None) -> dict[str, Any]:
-    """Inside a multirun, a W&B run is grouped by sweep, named by its overrides and tagged with them."""
-    if not (is_multirun() and str(node.get("_target_", "")).endswith("WandbLogger")):
+def _wandb_fields(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:
+    """A W&B run gets the run folder's id (`<run>/wandb_id`), so a resumed run continues it.
+
+    Inside a multirun it is also grouped by sweep, named by its overrides and tagged with them.
+    """
+    if not str(node.get("_target_", "")).endswith("WandbLogger"):
         return {}
-    overrides = job_overrides()
-    group = "_".join(part for part in (sweep_name, sweep_id()) if part)
-    return {
-        "group": node.get("group") or group,
-        "name": node.get("name") or ",".join(overrides) or None,
-        "tags": [*(node.get("tags") or []), *overrides],
+    fields: dict[str, Any] = {
+        "id": node.get("id") or wandb_run_id(cfg.paths.output_dir),
+        "resume": node.get("resume") or "allow",
     }
+    if is_multirun():
+        overrides = job_overrides()
+        group = "_".join(part for part in (cfg.get("sweep_name"), sweep_id()) if part)
+        fields["group"] = node.get("group") or group
+        fields["name"] = node.get("name") or ",".join(overrides) or None
+        fields["tags"] = [*(node.get("tags") or []), *overrides]
+    return fields
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers."""
     check_trainer(cfg.trainer)
-    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = _instantiate_group(cfg.get("logger"), "logger", cfg.get("sweep_name"))
-    return instantiate(
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks", cfg)
+    loggers = _instantiate_group(cfg.get("logger"), "logger", cfg)
+    trainer = instantiate(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **kwargs
     )
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
 
 
 def _prepare(cfg: DictConfig) -> None:
@@ -156,6 +170,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+@rank_zero_only  # DDP ranks share the folder; rank 0 writes and prints
 def _finish(metrics: dict[str, float], output_dir: str) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(
@@ -193,6 +208,26 @@ def _existing_checkpoint(ckpt_path: str) -> Path:
     return path
 
 
+def _training_checkpoint(ckpt_path: str) -> None:
+    """Refuse a file that is not a whole Lightning training checkpoint, naming it.
+
+    Memory-mapped, so even a large checkpoint is checked without reading its tensors.
+    """
+    path = _existing_checkpoint(ckpt_path)
+    try:
+        keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception as err:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    missing = {"state_dict", "global_step", "loops", "optimizer_states"} - keys
+    if missing:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a Lightning training checkpoint: it lacks "
+            f"{sorted(missing)} (it has {sorted(keys)}); pretrained weights go in model.pretrained="
+        )
+
+
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, fit (resuming from `ckpt_path`), test the best checkpoint, return `optimized_metric`.
 
@@ -200,15 +235,17 @@ def train(cfg: DictConfig) -> float | None:
     """
     with _wandb_run_closed_after():
         check_run(cfg)
-        ckpt_path = cfg.get("ckpt_path")
+        ckpt_path = resolve_ckpt_path(
+            cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir
+        )
         if ckpt_path:
-            _existing_checkpoint(ckpt_path)
+            _training_checkpoint(ckpt_path)
+            log.info("Resuming from %s", ckpt_path)
         _prepare(cfg)
         datamodule = instantiate(cfg.data, "data")
         model = build_classifier(cfg)
         trainer = build_trainer(cfg)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        raise_if_interrupted(trainer)
         metrics = _scalars(trainer.callback_metrics)
 
         if cfg.get("test"):
@@ -286,9 +323,8 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
                 exc_info=not isinstance(err, VitlabError),
             )
             return float("nan")
-        if isinstance(err, VitlabError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"\nError: {err}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-            raise SystemExit(2) from None
+        if isinstance(err, VitlabError):
+            exit_with(err)
         raise
     record_status(output_dir, "completed")
     return result

@@ -2,10 +2,11 @@
 
 A scheduler's SIGTERM (preemption, `scancel`, a time limit) or a Ctrl+C should not
 throw away the epoch in progress. `GracefulStop` turns the signal into a flag; at
-the next step boundary it writes `<dirpath>/last.ckpt`, the file `ModelCheckpoint`'s
-`save_last` writes, and stops the fit. `python src/train.py ckpt_path=<that file>`
-then continues from the same global step. The pipeline checks `interrupted_by` after
-`fit` and calls `raise_if_interrupted`, so the run exits non-zero (128 + the signal's
+the next step boundary it writes `<dirpath>/last.ckpt` (the run's usual latest
+checkpoint) and raises `Interrupted` out of `fit`: nothing runs after the save (no
+validation, no other checkpoint overwriting it), which keeps a preempted job within
+its grace period. The message names the command that continues the run in its own folder
+(`run_dir=<run> ckpt_path=last`), from that very step. The run exits non-zero (128 + the signal's
 number, as a shell reports a process killed by it) instead of looking finished.
 
 Lightning 2.x installs its own SIGTERM handler when `fit` starts; on a plain run it
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+_RESUME_KEYS = ("ckpt_path=", "run_dir=", "resume=", "hydra.run.dir=")
 
 
 class Interrupted(VitlabError):
@@ -53,13 +55,12 @@ class Interrupted(VitlabError):
 
 
 class GracefulStop(L.Callback):
-    """On SIGTERM or SIGINT, save `<dirpath>/last.ckpt` at the next step boundary and stop `fit`.
+    """On SIGTERM or SIGINT, save `<dirpath>/last.ckpt` at the next step boundary and raise `Interrupted`.
 
     Attributes:
         dirpath: Folder of the checkpoint; give the `ModelCheckpoint`'s folder
             (`<run>/checkpoints`) so that the file is the run's usual `last.ckpt`.
-        interrupted_by: After `fit`, the signal's name (`"SIGTERM"`) if one stopped
-            training, else None.
+        interrupted_by: The signal's name (`"SIGTERM"`) if one stopped training, else None.
         checkpoint: The checkpoint written on the signal, else None.
         message: The one-line report (signal, step, checkpoint, how to resume), else None.
     """
@@ -126,31 +127,24 @@ class GracefulStop(L.Callback):
         name = self._received.name if self._received is not None else "SIGTERM"
         path = Path(self.dirpath) / LAST_CHECKPOINT
         trainer.save_checkpoint(path)
-        trainer.should_stop = True
         self.interrupted_by, self.checkpoint = name, path
-        resume = shlex.join(
-            [
-                "python",
-                "src/train.py",
-                *(o for o in job_overrides() if not o.startswith(("ckpt_path=", "+ckpt_path="))),
-                f"ckpt_path={path}",
-            ]
+        run_dir = path.parent.parent
+        where = (
+            [f"run_dir={run_dir}", "ckpt_path=last"]
+            if path.parent.name == "checkpoints"
+            else [f"ckpt_path={path}"]
         )
+        keep = (o for o in job_overrides() if not o.lstrip("+").startswith(_RESUME_KEYS))
+        resume = shlex.join(["python", "src/train.py", *keep, *where])
         self.message = (
             f"Stopped by {name} at step {trainer.global_step}; checkpoint: {path}. "
             f"Resume with: {resume}"
         )
         log.warning(self.message)
+        raise Interrupted(self.message, self._received or signal.SIGTERM)
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-
-def raise_if_interrupted(trainer: L.Trainer) -> None:
-    """Raise `Interrupted` if a `GracefulStop` callback of `trainer` stopped its last `fit`."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, GracefulStop) and callback.interrupted_by is not None:
-            signum = signal.Signals[callback.interrupted_by]
-            raise Interrupted(callback.message or f"Stopped by {callback.interrupted_by}", signum)

@@ -4,19 +4,32 @@ A subclass only builds `train_set`, `val_set` and `test_set` in `setup()`; this
 class turns them into DataLoaders. `batch_size` is the global batch, as in the
 paper's recipes: each device loads `batch_size / (world_size * accumulate_grad_batches)`,
 so the same config trains the same way on 1 or 64 devices. Val and test loaders
-keep every sample exactly once (sequential, no dropped remainder); the train
-loader shuffles and drops the last partial batch, as the original does.
+keep every sample exactly once over all ranks (sequential, no padding, no dropped
+remainder); the train loader shuffles and drops the last partial batch, as the
+original does. The samplers are ours (`vitlab.data.samplers`), not the ones
+Lightning would inject (trainer `use_distributed_sampler: false`): they make the
+order and the augmentation reproducible and resumable mid-epoch.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from vitlab.data.samplers import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    SeededDataset,
+    ShardSampler,
+    seeded_collate,
+)
 from vitlab.errors import ConfigError
 
 
@@ -67,6 +80,7 @@ class ImageDataModule(LightningDataModule):
         self.num_channels = _positive("num_channels", num_channels)
         self.num_classes = _positive("num_classes", num_classes)
         self.pin_memory = pin_memory
+        self._resume_state: dict[str, int] | None = None
 
     @property
     def per_device_batch_size(self) -> int:
@@ -111,13 +125,49 @@ class ImageDataModule(LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the {len(dataset)} training "
                 f"samples, so no full batch exists; use data.batch_size <= {len(dataset)}"
             )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_fn,
+        rank = getattr(self.trainer, "global_rank", 0)
+        world_size = getattr(self.trainer, "world_size", 1)
+        common = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            # Worker base seeds come from here, not from the global RNG.
+            "generator": torch.Generator().manual_seed(self.shuffle_seed),
+        }
+        if not train:
+            sampler = ShardSampler(len(dataset), rank, world_size)
+            return DataLoader(dataset, sampler=sampler, collate_fn=collate_fn, **common)
+        loader = ResumableDataLoader(
+            SeededDataset(dataset),
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, rank, world_size),
+            drop_last=True,
+            collate_fn=partial(seeded_collate, collate_fn=collate_fn),
+            current_epoch=lambda: getattr(self.trainer, "current_epoch", 0),
+            trained_batches=self._trained_batches,
+            **common,
         )
+        if self._resume_state is not None:
+            loader.load_state_dict(self._resume_state)
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved by Lightning in every checkpoint."""
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        return (
+            {"train_loader": loader.state_dict()} if isinstance(loader, ResumableDataLoader) else {}
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called on resume before the loaders are built: the training loader starts there."""
+        self._resume_state = state_dict.get("train_loader")
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The data-order seed: the run's seed (Lightning's `seed_everything` exports it
+        as PL_GLOBAL_SEED to every rank), else 0, so that all ranks agree."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch that finished their training step."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
