@@ -42,6 +42,11 @@ def test_a_typo_in_a_key_is_refused_by_name(make_cfg):
             r"warmup_steps=100000 is more than the \d+ total optimizer steps",
         ),
         (
+            "model.attention_backend=mem_efficient",
+            r"model.attention_backend='mem_efficient' is not valid; this run is on the CPU.*math",
+        ),
+        ("resume=yes", r"resume='yes' is not an option; use resume=auto"),
+        (
             "trainer.accumulate_grad_batches=3",
             r"data.batch_size=64 .*world size 1 .*accumulate_grad_batches=3 = 3 micro-batches",
         ),

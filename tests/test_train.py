@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vitlab.errors import ConfigError, DataError
-from vitlab.pipeline import evaluate, train, unique_dir
+from vitlab.pipeline import build_classifier, evaluate, train, unique_dir
 
 QUICK = (
     "trainer.max_epochs=1",
@@ -115,3 +115,16 @@ def test_run_folder_records_the_code_commit_and_package_versions(make_cfg, tmp_p
     assert record["packages"]["lightning"] == lightning.__version__
     assert re.fullmatch(r"[0-9a-f]{40}", record["git_commit"]), "the suite runs from a git checkout"
     assert isinstance(record["git_dirty"], bool)
+
+
+def test_compile_compiles_the_backbone_in_place_and_trains(make_cfg, tmp_path):
+    cfg = make_cfg("debug=fdr", "compile={backend: aot_eager}")
+    model = build_classifier(cfg)
+    assert model.backbone._compiled_call_impl is not None
+    assert not any("_orig_mod" in key for key in model.state_dict()), "checkpoints stay portable"
+    train(cfg)
+    assert "test/acc" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_compile_is_off_by_default(make_cfg):
+    assert build_classifier(make_cfg()).backbone._compiled_call_impl is None

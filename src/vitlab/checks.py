@@ -19,6 +19,8 @@ from vitlab.errors import ConfigError
 GPU_ACCELERATORS = ("gpu", "cuda")
 # Lightning also takes 16-true / bf16-true / 64-true; these three are the sweep axis.
 CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
+# The SDPA kernels PyTorch has on the CPU (`model.attention_backend`).
+CPU_ATTENTION_BACKENDS = (None, "auto", "math", "flash")
 
 
 def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None) -> None:
@@ -79,6 +81,16 @@ def check_run(cfg: Mapping[str, Any]) -> None:
         "use a number >= 0",
     )
     trainer = cfg.get("trainer") or {}
+    backend = (cfg.get("model") or {}).get("attention_backend")
+    on_cpu = trainer.get("accelerator") == "cpu" or (
+        trainer.get("accelerator", "auto") == "auto" and not torch.cuda.is_available()
+    )
+    _require(
+        not on_cpu or backend in CPU_ATTENTION_BACKENDS,
+        "model.attention_backend",
+        backend,
+        "this run is on the CPU, which has only the auto, math and flash kernels",
+    )
     for key in ("max_steps", "max_epochs"):
         value = trainer.get(key, -1)
         _require(

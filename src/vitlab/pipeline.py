@@ -89,6 +89,10 @@ def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClass
     """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss."""
     scheduler = cfg.get("scheduler") if with_optimizer else None
     backbone = build_backbone(cfg.model)
+    compile_options = cfg.get("compile")
+    if compile_options:
+        options = {} if compile_options is True else OmegaConf.to_container(compile_options)
+        backbone.compile(**options)  # in place: state-dict keys stay those of the model
     optimizer = instantiate(cfg.optimizer, "optimizer") if with_optimizer else None
     scheduler = instantiate(scheduler, "scheduler") if scheduler else None
     try:
