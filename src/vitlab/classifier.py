@@ -1,7 +1,10 @@
 """`ImageClassifier`: the one LightningModule, wrapping any backbone that maps images to logits.
 
 It owns the loss (cross-entropy, optional label smoothing), the metrics (top-1 and
-top-5 through torchmetrics, per split) and the optimizer/scheduler wiring. The
+top-5 through torchmetrics, per split) and the optimizer/scheduler wiring. Epoch
+values are exact over all samples of all ranks: torchmetrics sums counts (and the
+loss weighted by batch size) across processes, so a DDP validation or test, whose
+ranks may hold shards of unequal size, reports what one process would. The
 optimizer and scheduler arrive as factories (`functools.partial` or Hydra
 `_partial_: true` nodes), so the module stays free of config code. Only plain
 values are saved as hyperparameters: checkpoints load with `weights_only=True`.
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.errors import NonFiniteLossError
@@ -73,6 +76,12 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # The mean loss over every sample of every rank (`self.log` of a tensor would average
+        # the ranks' means). Fed per-sample losses: "disable" keeps a NaN a NaN (the default
+        # drops it with a warning) and, in torchmetrics 1.x, also ignores any weights.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -80,19 +89,16 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        losses = F.cross_entropy(
+            logits.float(), labels, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        loss = losses.mean()
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(logits.detach(), labels)
-        on_step = split == "train"
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(labels),
-        )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        mean_loss = getattr(self, f"{split}_loss")
+        mean_loss(losses.detach())  # forward: the step value is this batch's mean
+        self.log(f"{split}/loss", mean_loss, on_step=split == "train", on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(

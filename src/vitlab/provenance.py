@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 PACKAGES = (
     "vitlab", "torch", "torchvision", "lightning", "torchmetrics",
     "hydra-core", "omegaconf", "einops", "numpy", "wandb",
@@ -53,8 +55,9 @@ def provenance() -> dict[str, Any]:
     }
 
 
+@rank_zero_only
 def record_provenance(output_dir: str | Path) -> None:
-    """Write `<output_dir>/provenance.json`."""
+    """Write `<output_dir>/provenance.json` (global rank 0 only: DDP ranks share the folder)."""
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")

@@ -9,6 +9,7 @@ when the sweep ends, prints one line per failed job and exits non-zero if any fa
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,24 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 STATUS_FILE = "status.json"
+# Set to the job's folder while a multirun job runs, and so inherited by the DDP ranks that
+# Lightning starts for it (`vitlab.distributed.MultirunRanks`); those run in Hydra's RUN mode.
+MULTIRUN_JOB_ENV = "VITLAB_MULTIRUN_JOB"
 
 
 def is_multirun() -> bool:
-    """True inside a job of `python src/train.py -m ...`."""
+    """True inside a job of `python src/train.py -m ...`, in each of its DDP ranks.
+
+    A job's ranks fail as a multirun job fails (logged, recorded by rank 0, the
+    process ends normally) rather than with an error status: Lightning's launcher
+    kills rank 0, here the whole sweep, when another rank exits with one.
+    """
+    if os.environ.get(MULTIRUN_JOB_ENV):
+        return True
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -36,8 +48,23 @@ def sweep_id() -> str | None:
     return Path(HydraConfig.get().sweep.dir).name if is_multirun() else None
 
 
+def is_global_zero() -> bool:
+    """False in DDP ranks other than 0; True in a single process.
+
+    Reads the rank Lightning keeps on `rank_zero_only` (from RANK / LOCAL_RANK /
+    SLURM_PROCID when lightning is imported, then from the strategy), without
+    importing lightning here: `vitlab.reports` uses this module.
+    """
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def record_status(output_dir: str | Path, status: str, error: str | None = None) -> None:
-    """Write `<output_dir>/status.json`: completed or failed, the error, the job's overrides."""
+    """Write `<output_dir>/status.json`: completed or failed, the error, the job's overrides.
+
+    Only global rank 0 writes: the other DDP ranks run in the same folder.
+    """
+    if not is_global_zero():
+        return
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"status": status, "error": error, "overrides": job_overrides()}
