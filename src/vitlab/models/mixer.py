@@ -131,7 +131,8 @@ class MlpMixer(nn.Module):
         self.hidden_dim = hidden_dim
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = channels_last
-        num_tokens = (image_size // patch_size) ** 2
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        num_tokens = self.grid[0] * self.grid[1]
 
         self.stem = PatchEmbed(patch_size, num_channels, hidden_dim)
         self.blocks = nn.ModuleList(
@@ -154,6 +155,16 @@ class MlpMixer(nn.Module):
         for block in self.blocks:
             x = checkpointed(block, x, enabled=self.grad_checkpointing)
         return self.pre_head_layer_norm(x)
+
+    def token_mixing_weights(self, block: int = 0) -> torch.Tensor:
+        """The first token-mixing layer of block `block` as images: (tokens_mlp_dim, h, w).
+
+        Hidden unit i of the token-mixing MLP reads the patches with the weights
+        [i], laid out on the patch grid; the Mixer paper's Figure 4 shows these for
+        the first blocks. A detached copy (safe to plot while training).
+        """
+        weight = self.blocks[block].token_mixing.fc1.weight.detach()
+        return rearrange(weight, "u (h w) -> u h w", h=self.grid[0], w=self.grid[1]).clone()
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Mixed tokens -> logits: mean over tokens, then the head."""

@@ -60,6 +60,11 @@ class PositionEncoding(nn.Module):
         """The map applied to queries and keys in every attention layer, or None for none."""
         return None
 
+    def table(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """The (prefix + h*w, d) vectors `forward` adds to the tokens of a grid, or None
+        when the encoding adds none (it acts between blocks or inside attention instead)."""
+        return None
+
     def no_weight_decay(self) -> set[str]:
         """Names of own parameters the optimizer should not decay."""
         return set()
@@ -99,10 +104,14 @@ class LearnedPositionEmbedding(PositionEncoding):
         nn.init.normal_(self.pos_embedding, std=0.02)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return x + self.table(grid, x.device).to(x.dtype)
+
+    def table(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The (prefix + h*w, d) learned table, resized when `grid` is not the one it was built for."""
         posemb = self.pos_embedding
         if tuple(grid) != self.grid:
             posemb = resize_learned_posemb(posemb, self.num_prefix_tokens, self.grid, grid)
-        return x + posemb.to(x.dtype)
+        return posemb[0].to(device)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embedding"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from vitlab.models.layers import (
@@ -108,7 +109,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = channels_last
         self.num_prefix_tokens = 1 if classifier == "token" else 0
-        grid = (feature_size // patch_size, feature_size // patch_size)
+        self.grid = (feature_size // patch_size, feature_size // patch_size)
+        grid = self.grid
 
         self.stem = stem
         self.patch_embed = PatchEmbed(
@@ -195,6 +197,23 @@ class VisionTransformer(nn.Module):
             maps.append(block.attn.attention_weights(block.norm1(x), rotate))
             x = self.pos_embed.after_block(index, block(x, rotate), grid)
         return maps
+
+    def position_embeddings(self) -> torch.Tensor:
+        """The vector the position encoding adds to each patch, on the model's grid: (h, w, hidden_size).
+
+        For looking at what a `learned` table has learned (the ViT paper's Figure 7 is
+        the cosine similarity of these vectors) beside the fixed `sincos2d` one. Raises
+        ValueError for the encodings that add nothing to the tokens (`none`,
+        `conditional`, `rope2d`).
+        """
+        table = self.pos_embed.table(self.grid, self.patch_embed.proj.weight.device)
+        if table is None:
+            raise ValueError(
+                f"pos_embed={self.pos_embed.kind!r} adds no vector to the patch tokens; "
+                "position_embeddings() exists for 'learned' and 'sincos2d'"
+            )
+        patches = table[self.num_prefix_tokens :]
+        return rearrange(patches, "(h w) d -> h w d", h=self.grid[0], w=self.grid[1])
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Encoded tokens -> logits: pool (`token` or `gap`), pre-logits, head."""
