@@ -67,7 +67,8 @@ def rank_argv(config: DictConfig) -> list[str]:
     """The command-line arguments that make a new process compose this job's config alone.
 
     The job's task overrides (the sweep's choice for it included: grid values, Optuna's
-    suggestions), the Hydra overrides that are not about sweeping, and `hydra.mode=RUN`,
+    suggestions), the command line's Hydra overrides except the mode and what Lightning
+    appends itself (sweeper settings are inert in a single run), and `hydra.mode=RUN`,
     which also beats a `hydra.mode: MULTIRUN` set by a `sweep/` config.
     """
     hydra_overrides = [o for o in config.hydra.overrides.hydra if not o.startswith(_NOT_FOR_RANKS)]
