@@ -94,7 +94,8 @@ class ImageClassifier(L.LightningModule):
         )
         loss = losses.mean()
         metrics = getattr(self, f"{split}_metrics")
-        metrics.update(logits.detach(), labels)
+        # Mixup / CutMix labels are (b, num_classes) mixtures: accuracy counts their largest part.
+        metrics.update(logits.detach(), labels.argmax(dim=-1) if labels.ndim == 2 else labels)
         mean_loss = getattr(self, f"{split}_loss")
         mean_loss(losses.detach())  # forward: the step value is this batch's mean
         self.log(f"{split}/loss", mean_loss, on_step=split == "train", on_epoch=True, prog_bar=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vitlab.data.samplers import (
     EpochShuffleSampler,
@@ -30,7 +30,14 @@ from vitlab.data.samplers import (
     ShardSampler,
     seeded_collate,
 )
+from vitlab.data.transforms import MixupCutmix
 from vitlab.errors import ConfigError
+
+
+def _collate_then(
+    samples: list[Any], collate_fn: Callable[[list[Any]], Any], then: Callable[[Any], Any]
+) -> Any:
+    return then(collate_fn(samples))
 
 
 def _positive(key: str, value: int) -> int:
@@ -54,6 +61,8 @@ class ImageDataModule(LightningDataModule):
         num_channels: image channels (3 for RGB, 1 for grey).
         num_classes: number of labels.
         pin_memory: page-lock batches for faster host-to-GPU copies (GPU runs only).
+        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (`MixupCutmix`),
+            which then carry (b, num_classes) soft labels; 0.0 (off) by default.
     """
 
     train_set: Dataset
@@ -69,6 +78,8 @@ class ImageDataModule(LightningDataModule):
         num_channels: int,
         num_classes: int,
         pin_memory: bool = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -80,6 +91,14 @@ class ImageDataModule(LightningDataModule):
         self.num_channels = _positive("num_channels", num_channels)
         self.num_classes = _positive("num_classes", num_classes)
         self.pin_memory = pin_memory
+        for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if not (isinstance(alpha, (int, float)) and alpha >= 0):
+                raise ConfigError(f"data.{key}={alpha!r} must be a number >= 0 (0 turns it off)")
+        self.mix = (
+            MixupCutmix(num_classes, mixup_alpha, cutmix_alpha)
+            if mixup_alpha or cutmix_alpha
+            else None
+        )
         self._resume_state: dict[str, int] | None = None
 
     @property
@@ -142,7 +161,7 @@ class ImageDataModule(LightningDataModule):
             SeededDataset(dataset),
             sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, rank, world_size),
             drop_last=True,
-            collate_fn=partial(seeded_collate, collate_fn=collate_fn),
+            collate_fn=partial(seeded_collate, collate_fn=self._mixing(collate_fn)),
             current_epoch=lambda: getattr(self.trainer, "current_epoch", 0),
             trained_batches=self._trained_batches,
             **common,
@@ -150,6 +169,14 @@ class ImageDataModule(LightningDataModule):
         if self._resume_state is not None:
             loader.load_state_dict(self._resume_state)
         return loader
+
+    def _mixing(
+        self, collate_fn: Callable[[list[Any]], Any] | None
+    ) -> Callable[[list[Any]], Any] | None:
+        """`collate_fn` followed by Mixup / CutMix when they are on."""
+        if self.mix is None:
+            return collate_fn
+        return partial(_collate_then, collate_fn=collate_fn or default_collate, then=self.mix)
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position, saved by Lightning in every checkpoint."""

@@ -46,6 +46,8 @@ class CIFAR10DataModule(ImageDataModule):
         train_crop_scale: (min, max) fraction of the image area a training crop covers.
         train_crop_ratio: (min, max) aspect ratio of a training crop.
         hflip: random horizontal flips in training.
+        randaugment: (num_ops, magnitude) of RandAugment in training, or None (the original).
+        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
     dataset_class: type[CIFAR10] = CIFAR10
@@ -66,6 +68,9 @@ class CIFAR10DataModule(ImageDataModule):
         train_crop_scale: Sequence[float] = (0.05, 1.0),
         train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: bool = True,
+        randaugment: Sequence[int] | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         expected = self.dataset_num_classes
         if num_classes not in (None, expected):
@@ -78,12 +83,13 @@ class CIFAR10DataModule(ImageDataModule):
                 f"data.num_channels={num_channels} but {self.name} is RGB; set data.num_channels=3"
             )
         super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, expected, pin_memory
-        )
+            data_dir, batch_size, num_workers, image_size, num_channels, expected, pin_memory,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        )  # fmt: skip
         self.download = download
         self.val_size = val_size
         self.train_transform = train_transform(
-            image_size, num_channels, train_crop_scale, train_crop_ratio, hflip
+            image_size, num_channels, train_crop_scale, train_crop_ratio, hflip, randaugment
         )
         self.eval_transform = eval_transform(image_size, num_channels)
 

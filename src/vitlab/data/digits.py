@@ -44,6 +44,7 @@ class DigitsDataModule(ImageDataModule):
         val_size, test_size: images held out for validation and test; the remaining
             1797 - val_size - test_size train.
         split_seed: seed of the split, independent of the run's seed.
+        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
     def __init__(
@@ -60,10 +61,13 @@ class DigitsDataModule(ImageDataModule):
         val_size: int = 200,
         test_size: int = 300,
         split_seed: int = 0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory
-        )
+            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        )  # fmt: skip
         if num_classes != 10:
             raise ConfigError(
                 f"data.num_classes={num_classes} but digits has 10 classes; set data.num_classes=10"

@@ -44,6 +44,8 @@ class ImageFolderDataModule(ImageDataModule):
         train_crop_scale: (min, max) fraction of the image area a training crop covers.
         train_crop_ratio: (min, max) aspect ratio of a training crop.
         hflip: random horizontal flips in training.
+        randaugment: (num_ops, magnitude) of RandAugment in training, or None (the original).
+        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
     def __init__(
@@ -58,17 +60,21 @@ class ImageFolderDataModule(ImageDataModule):
         train_crop_scale: Sequence[float] = (0.05, 1.0),
         train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: bool = True,
+        randaugment: Sequence[int] | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         if num_channels not in PIL_MODES:
             raise ConfigError(
                 f"data.num_channels={num_channels} is not valid for image folders; use 3 (RGB) or 1 (grey)"
             )
         super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory
-        )
+            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        )  # fmt: skip
         self.loader = partial(load_image, mode=PIL_MODES[num_channels])
         self.train_transform = train_transform(
-            image_size, num_channels, train_crop_scale, train_crop_ratio, hflip
+            image_size, num_channels, train_crop_scale, train_crop_ratio, hflip, randaugment
         )
         self.eval_transform = eval_transform(image_size, num_channels)
 

@@ -21,6 +21,7 @@ class SyntheticDataModule(ImageDataModule):
         num_samples: size of the train split.
         num_eval_samples: size of each of the val and test splits.
         seed: seed of the generator; the data does not depend on the run's seed.
+        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
     def __init__(
@@ -35,10 +36,13 @@ class SyntheticDataModule(ImageDataModule):
         num_samples: int = 256,
         num_eval_samples: int = 64,
         seed: int = 0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory
-        )
+            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        )  # fmt: skip
         self.num_samples = num_samples
         self.num_eval_samples = num_eval_samples
         self.seed = seed

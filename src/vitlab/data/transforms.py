@@ -30,16 +30,56 @@ def train_transform(
     crop_scale: Sequence[float],
     crop_ratio: Sequence[float],
     hflip: bool,
+    randaugment: Sequence[int] | None = None,
 ) -> v2.Compose:
     """PIL image -> augmented (num_channels, image_size, image_size) float32 in [-1, 1].
 
     `crop_scale` is the (min, max) fraction of the image area the crop covers and
     `crop_ratio` its (min, max) aspect ratio; the paper's values are (0.05, 1.0) and
-    (3/4, 4/3).
+    (3/4, 4/3). `randaugment` = (num_ops, magnitude) adds RandAugment (AugReg's
+    "light" is (2, 10), "medium" (2, 15)) on the uint8 image after the crop and flip;
+    None, the original's fine-tuning, adds none.
     """
     crop = v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio))
     flip = [v2.RandomHorizontalFlip()] if hflip else []
-    return v2.Compose([v2.ToImage(), crop, *flip, *_to_signed_unit(num_channels)])
+    rand = []
+    if randaugment:
+        num_ops, magnitude = randaugment
+        rand = [v2.RandAugment(num_ops=num_ops, magnitude=magnitude)]
+    return v2.Compose([v2.ToImage(), crop, *flip, *rand, *_to_signed_unit(num_channels)])
+
+
+class MixupCutmix:
+    """Mixup and/or CutMix on a whole (images, int labels) batch -> (images, soft labels).
+
+    torchvision's `v2.MixUp` / `v2.CutMix`; with both on, each batch gets one of them
+    at random (AugReg's setup). Labels come back as (b, num_classes) float32 mixtures
+    that sum to 1, which `ImageClassifier` trains on. Randomness comes from the
+    global torch RNG, which the training loader seeds per batch
+    (`vitlab.data.samplers.seeded_collate`), so runs stay reproducible and resumable.
+    Picklable, so it can run in DataLoader workers.
+
+    Attributes:
+        num_classes: length of the soft labels.
+        mixup_alpha: Beta(alpha, alpha) of the Mixup weight; 0 turns Mixup off.
+        cutmix_alpha: Beta(alpha, alpha) of the CutMix box area; 0 turns CutMix off.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> None:
+        mixes = []
+        if mixup_alpha > 0:
+            mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not mixes:
+            raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def __call__(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        return self.mix(images, labels)
 
 
 def eval_transform(image_size: int, num_channels: int) -> v2.Compose:

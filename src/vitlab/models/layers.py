@@ -237,6 +237,8 @@ class Block(nn.Module):
         attention_dropout_rate: dropout on attention weights.
         gelu_approximate: see `Mlp`.
         attention_backend: see `Attention`.
+        drop_path_rate: stochastic depth: the chance that a sample skips each residual
+            branch while training (see `DropPath`); 0.0 in the paper configs.
     """
 
     def __init__(
@@ -248,6 +250,7 @@ class Block(nn.Module):
         attention_dropout_rate: float = 0.0,
         gelu_approximate: GeluApproximate = "tanh",
         attention_backend: AttentionBackend = "auto",
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
@@ -255,8 +258,38 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout_rate)
         self.norm2 = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(hidden_size, mlp_dim, dropout_rate, gelu_approximate)
+        self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
         """Tokens (b, n, d) -> (b, n, d); `rotate` is passed to the attention (see `Attention`)."""
-        x = x + self.drop(self.attn(self.norm1(x), rotate))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.drop(self.attn(self.norm1(x), rotate)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016) on a residual branch, per sample.
+
+    While training, each sample's branch output is zeroed with probability `rate`
+    and the kept ones are scaled by 1 / (1 - rate), so the expectation is
+    unchanged; in eval mode, and at rate 0, it is the identity. No parameters, so
+    it leaves the state dict alone. Draws from the global torch RNG, as dropout does
+    (Lightning seeds it and saves it in checkpoints).
+
+    Attributes:
+        rate: the chance of dropping the branch, in [0, 1).
+    """
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path_rate={rate} must be in [0, 1)")
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = torch.empty(x.shape[0], *(1,) * (x.ndim - 1), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1.0 - self.rate) / (1.0 - self.rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"

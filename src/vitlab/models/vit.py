@@ -63,6 +63,10 @@ class VisionTransformer(nn.Module):
         channels_last: keep the stem's and the patch embedding's conv weights, and
             their inputs, in channels-last (NHWC) memory, which the GPU's tensor-core
             conv kernels prefer. Same outputs, same state dict.
+        drop_path_rate: stochastic depth (AugReg's `sd`) of the last block; block i
+            of L drops its residual branches with rate drop_path_rate * i / (L - 1),
+            the linear rule of Huang et al. 0.0 (off) in the paper configs; no
+            parameters, so the state dict is the same at any rate.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class VisionTransformer(nn.Module):
         grad_checkpointing: bool = False,
         attention_backend: AttentionBackend = "auto",
         channels_last: bool = False,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
@@ -136,8 +141,9 @@ class VisionTransformer(nn.Module):
                 attention_dropout_rate,
                 gelu_approximate,
                 attention_backend,
+                drop_path_rate * index / max(1, num_layers - 1),
             )
-            for _ in range(num_layers)
+            for index in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         if representation_size:
