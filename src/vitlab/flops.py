@@ -98,8 +98,9 @@ def measure_peak_flops(
     """
     device = torch.device(device)
     size = size or PEAK_MATMUL_SIZE.get(device.type, 4096)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    generator = torch.Generator(device).manual_seed(0)  # the run's random stream stays untouched
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # one more: the first warms up
         _synchronize(device)

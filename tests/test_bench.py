@@ -1,0 +1,120 @@
+"""`src/bench.py` / `vitlab.bench`: the race runs end to end and writes its table; no timings asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+
+from tests.conftest import compose_config
+from vitlab.bench import BenchSettings, bench
+from vitlab.errors import ConfigError
+from vitlab.pipeline import build_backbone
+from vitlab.timm_twins import timm_twin
+
+TINY = (
+    "model=vit_tiny",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.mlp_dim=64",
+    "data.image_size=16",
+    "data.num_classes=10",
+    "data.batch_size=4",
+    "data.num_samples=16",
+    "data.num_eval_samples=4",
+    "bench.warmup_rounds=1",
+    "bench.rounds=2",
+    "bench.steps=1",
+    "bench.peak_matmul_size=128",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One benchmark of a tiny ViT, shared by the tests that read its output."""
+    folder = tmp_path_factory.mktemp("bench")
+    ratios = bench(compose_config("bench", list(TINY), folder))
+    yield folder, ratios
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
+def test_bench_writes_a_markdown_table_of_every_contender(tiny_run):
+    folder, _ = tiny_run
+    table = (folder / "bench.md").read_text()
+    for row in (
+        "| vitlab | Lightning fit |",
+        "| vitlab | bare loop |",
+        "| timm VisionTransformer | bare loop |",
+        "| vitlab | inference |",
+        "| timm VisionTransformer | inference |",
+    ):
+        assert row in table
+    assert "Intel" in table or "cores" in table, "the machine is described"
+    assert f"torch {torch.__version__}" in table
+
+
+def test_bench_json_holds_every_round_and_the_medians(tiny_run):
+    folder, _ = tiny_run
+    report = json.loads((folder / "bench.json").read_text())
+    assert len(report["contenders"]) == 5
+    for contender in report["contenders"]:
+        assert len(contender["samples"]) == 2
+        assert contender["images_per_sec"] > 0
+        assert contender["flops_per_image"] > 0
+        assert contender["mfu"] == pytest.approx(
+            contender["images_per_sec"] * contender["flops_per_image"] / report["peak_flops"]
+        )
+    assert report["machine"]["cpu_cores"] >= 1
+
+
+def test_bench_returns_the_ratios_ours_over_timm_and_fit_over_bare(tiny_run):
+    _, ratios = tiny_run
+    assert set(ratios) == {
+        "ours/timm train (bare loops)",
+        "ours/timm infer",
+        "Lightning fit / bare loop (ours)",
+        "ours in Lightning fit / timm bare loop",
+    }
+    assert all(value > 0 for value in ratios.values())
+
+
+def test_bare_loop_peak_memory_is_measured_and_the_same_for_twins(tiny_run):
+    folder, _ = tiny_run
+    report = json.loads((folder / "bench.json").read_text())
+    memory = {(c["model"], c["loop"]): c["peak_memory_bytes"] for c in report["contenders"]}
+    assert memory[("vitlab", "fit")] is None
+    assert memory[("vitlab", "bare")] > 0
+    assert memory[("timm", "bare")] > 0
+
+
+@pytest.mark.parametrize(
+    "model", ["vit_s16", "mixer_b16", "r26_vit_s32", "vit_s16_gap", "r_vit_ti16", "vit_tiny"]
+)
+def test_timm_twin_has_exactly_our_parameter_count(make_cfg, model):
+    cfg = make_cfg(f"model={model}", config_name="bench")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        ours = build_backbone(cfg.model)
+        twin, _ = timm_twin(cfg.model)
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_a_model_timm_lacks_is_refused_naming_the_key(make_cfg):
+    cfg = make_cfg(*TINY, "model.pos_embed=rope2d", config_name="bench")
+    with pytest.raises(ConfigError, match=r"model.pos_embed='rope2d'.*bench.timm=false"):
+        bench(cfg)
+
+
+def test_more_than_one_device_is_refused(make_cfg):
+    cfg = make_cfg(*TINY, "trainer.devices=2", config_name="bench")
+    with pytest.raises(ConfigError, match=r"trainer.devices=2.*one device"):
+        bench(cfg)
+
+
+def test_zero_rounds_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"bench.rounds=0 must be an integer >= 1"):
+        BenchSettings(rounds=0)
