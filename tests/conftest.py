@@ -7,6 +7,8 @@ suite fast: `import lightning` costs seconds, and we pay it once.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +29,35 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def run_train_py(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python src/train.py args` in `cwd`, W&B offline, output captured.
+
+    Outputs go under `cwd` (VITLAB_ROOT is dropped); `tests` is importable, so the
+    processes a run starts (DDP ranks, submitit jobs) can load test-only callbacks.
+    A hung process fails the test after `timeout` seconds instead of hanging CI.
+    """
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONPATH": pythonpath,
+        **(env or {}),
+    }
+    full_env.pop("VITLAB_ROOT", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> DictConfig:

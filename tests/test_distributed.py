@@ -9,9 +9,7 @@ every rank ran, and where.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -25,7 +23,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import tiny_vit
+from tests.conftest import run_train_py, tiny_vit
 from vitlab.checks import check_trainer
 from vitlab.classifier import ImageClassifier
 from vitlab.errors import ConfigError
@@ -54,16 +52,7 @@ GPU_TRAINERS = ("ddp", "ddp_8gpu", "fsdp", "multinode")
 
 def _train_py(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """`python src/train.py args` in `cwd`; the ranks it starts can import `tests.ddp_probe`."""
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": pythonpath}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hung rank keeps the pipes open: fail in minutes, not hours
-    )
+    return run_train_py(*args, cwd=cwd)
 
 
 def _ranks(run: Path) -> list[dict]:

@@ -26,6 +26,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import vitlab.pipeline
+from tests.conftest import run_train_py
 from vitlab.launchers import pin_sweep_dir, with_requeue_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,16 +149,7 @@ def test_every_job_runs_with_resume_auto_unless_the_command_line_sets_resume():
 
 def _train_multirun(cwd: Path, *overrides: str, env: dict[str, str] | None = None):
     """`python src/train.py -m ...` in `cwd`, with the default (timestamped) multirun folder."""
-    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    env.pop("VITLAB_ROOT", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_train_py("-m", *overrides, cwd=cwd, env=env, timeout=600)
 
 
 def _only_multirun_folder(cwd: Path) -> Path:

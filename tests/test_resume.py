@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import vitlab.pipeline as pipeline
+from tests.conftest import run_train_py
 from vitlab.checkpoint_io import AtomicCheckpointIO
 from vitlab.errors import ConfigError
 from vitlab.resume import newest_checkpoint, resolve_ckpt_path
@@ -169,15 +169,7 @@ def test_a_kill_during_a_save_leaves_the_old_or_the_new_checkpoint_whole(tmp_pat
 
 
 def _train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "extras.print_config=false", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_train_py("extras.print_config=false", *args, cwd=cwd)
 
 
 def test_a_run_folder_is_only_reused_by_a_run_that_resumes_it(tmp_path):
