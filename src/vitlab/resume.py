@@ -18,9 +18,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
 from vitlab.errors import ConfigError, exit_with
+from vitlab.sweep import is_global_zero
 
 WANDB_ID_FILE = "wandb_id"
 
@@ -90,7 +90,7 @@ def config_subdir(output_dir: str, resume: str | bool | None, ckpt_path: str | N
     mix two runs' checkpoints and logs. This runs while Hydra sets up the folder,
     before it writes anything, so the refused run leaves the old one untouched.
     """
-    if rank_zero_only.rank > 0:  # srun / torchrun ranks: rank 0 records the config
+    if not is_global_zero():  # srun / torchrun ranks: rank 0 records the config
         return None
     folder = Path(output_dir)
     if not (folder / ".hydra" / "config.yaml").is_file():
@@ -151,7 +151,7 @@ def wandb_run_id(run_dir: str | Path) -> str | None:
     path = Path(run_dir) / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    if rank_zero_only.rank > 0:
+    if not is_global_zero():
         return None
     run_id = uuid.uuid4().hex[:12]  # W&B ids: lowercase letters and digits
     path.parent.mkdir(parents=True, exist_ok=True)
