@@ -36,7 +36,16 @@ def test_vit_forward_flops_match_the_formula_attention_included():
     out = 2 * tokens * width * width
     mlp_flops = 2 * (2 * tokens * width * mlp)
     head = 2 * width * 10
-    expected = patch_embed + 2 * (qkv + attention + out + mlp_flops) + head
+    # The last block runs for the class token only (`Block.forward_first_token`): keys and
+    # values of every token, then one query, one output projection, one MLP row.
+    last_block = (
+        2 * tokens * width * 2 * width
+        + 2 * width * width
+        + 2 * (2 * tokens * width)
+        + 2 * width * width
+        + 2 * (2 * width * mlp)
+    )
+    expected = patch_embed + (qkv + attention + out + mlp_flops) + last_block + head
     assert count_flops(model, (1, 3, 16, 16), train=False) == expected
 
 

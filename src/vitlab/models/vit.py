@@ -227,4 +227,19 @@ class VisionTransformer(nn.Module):
         return self.head(self.pre_logits(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Images (b, c, H, W) -> logits (b, num_classes).
+
+        With the class-token classifier, the last block runs for the class token only
+        (`Block.forward_first_token`): the logits read nothing else of it.
+        """
+        if self.classifier != "token":
+            return self.forward_head(self.forward_features(x))
+        x, grid = self._embed(x)
+        rotate = self.pos_embed.rotation(grid, x.device)
+        *body, last = self.blocks
+        for index, block in enumerate(body):
+            x = checkpointed(block, x, rotate, enabled=self.grad_checkpointing)
+            x = self.pos_embed.after_block(index, x, grid)
+        # after_block leaves the prefix (class) token alone, so the last call is skipped.
+        x = checkpointed(last.forward_first_token, x, rotate, enabled=self.grad_checkpointing)
+        return self.forward_head(self.norm(x))

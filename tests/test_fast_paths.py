@@ -1,0 +1,134 @@
+"""The speed-ups inside the models compute what the plain formulation computes.
+
+Each fast path (`make bench` measures what it buys) is checked against the
+straightforward computation it replaces, forward and backward:
+
+- a class-token ViT runs its last block for the class token only
+  (`Block.forward_first_token`), against `forward_head(forward_features(x))`;
+- Mixer's token mixing multiplies from the left with the residual folded in
+  (`MixerBlock._mix_tokens`), against the transposed `token_mixing(yᵀ)ᵀ`;
+- a StdConv2d pads symmetric SAME padding inside the conv, against `pad_same`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from tests.conftest import tiny_vit
+from tests.test_scale_knobs import images, randomized, tiny_hybrid, tiny_mixer
+from vitlab.models import ResNetV2
+from vitlab.models.resnet import WEIGHT_STANDARDIZATION_EPS, StdConv2d, pad_same
+
+
+def full_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every block over every token, then pooling: the computation `forward` shortens."""
+    return model.forward_head(model.forward_features(x))
+
+
+def outputs_and_grads(model: nn.Module, run, x: torch.Tensor):
+    model.zero_grad()
+    out = run(x)
+    out.square().mean().backward()
+    # A parameter the output does not reach has no grad in one path, zeros in the other.
+    return out.detach(), {
+        name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for name, p in model.named_parameters()
+    }
+
+
+CLASS_TOKEN_MODELS = {
+    "learned": lambda: tiny_vit(),
+    "sincos2d": lambda: tiny_vit(pos_embed="sincos2d"),
+    "none": lambda: tiny_vit(pos_embed="none"),
+    "conditional": lambda: tiny_vit(pos_embed="conditional"),
+    "conditional_one_block": lambda: tiny_vit(pos_embed="conditional", num_layers=1),
+    "rope2d": lambda: tiny_vit(pos_embed="rope2d"),
+    "hybrid": tiny_hybrid,
+    "checkpointed": lambda: tiny_vit(grad_checkpointing=True),
+}
+
+
+@pytest.mark.parametrize("make", CLASS_TOKEN_MODELS.values(), ids=CLASS_TOKEN_MODELS.keys())
+def test_class_token_forward_matches_the_full_encoder(make) -> None:
+    model = randomized(make()).train()
+    assert model.classifier == "token"
+    x = images(model, batch=3)
+    logits, grads = outputs_and_grads(model, model, x)
+    full_logits, full_grads = outputs_and_grads(model, lambda x: full_forward(model, x), x)
+    torch.testing.assert_close(logits, full_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_class_token_forward_skips_the_last_blocks_patch_tokens(monkeypatch) -> None:
+    """The shortcut is taken: the last MLP sees one token per image, the others all of them."""
+    model = randomized(tiny_vit(num_layers=3)).eval()
+    widths = []
+    for block in model.blocks:
+        block.mlp.register_forward_hook(lambda _, args, out: widths.append(args[0].shape[1]))
+    with torch.no_grad():
+        model(images(model, batch=2))
+    tokens = 1 + model.grid[0] * model.grid[1]
+    assert widths == [tokens, tokens, 1]
+
+
+def test_gap_classifier_still_runs_every_token() -> None:
+    model = randomized(tiny_vit(classifier="gap")).train()
+    x = images(model)
+    logits, _ = outputs_and_grads(model, model, x)
+    torch.testing.assert_close(logits, full_forward(model, x).detach())
+
+
+def test_mixer_token_mixing_matches_the_transposed_mlp() -> None:
+    model = randomized(tiny_mixer()).train()
+    block = model.blocks[0]
+    torch.manual_seed(3)
+    x = torch.randn(3, model.grid[0] * model.grid[1], model.hidden_dim)
+
+    def transposed(x: torch.Tensor) -> torch.Tensor:
+        y = rearrange(block.norm1(x), "b n c -> b c n")
+        return x + rearrange(block.token_mixing(y), "b c n -> b n c")
+
+    fast, fast_grads = outputs_and_grads(block, lambda x: block._mix_tokens(block.norm1(x), x), x)
+    plain, plain_grads = outputs_and_grads(block, transposed, x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "stride", "size"),
+    [(3, 1, 8), (3, 1, 7), (3, 2, 8), (3, 2, 7), (1, 2, 8), (7, 2, 16), (7, 2, 15)],
+)
+def test_std_conv_same_padding_matches_explicit_padding(kernel_size, stride, size) -> None:
+    torch.manual_seed(0)
+    conv = StdConv2d(4, 6, kernel_size, stride)
+    x = torch.randn(2, 4, size, size)
+    std, mean = torch.std_mean(conv.weight, dim=(1, 2, 3), correction=0, keepdim=True)
+    weight = (conv.weight - mean) / (std + WEIGHT_STANDARDIZATION_EPS)
+    expected = F.conv2d(pad_same(x, kernel_size, stride), weight, stride=stride)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_in_place_relus_give_the_out_of_place_gradients(monkeypatch) -> None:
+    """The ReLUs after GroupNorm and after the residual sum work in place (GroupNorm and
+    addition keep nothing of their outputs for backward): same gradients as out of place."""
+    stem = randomized(ResNetV2((1, 1), width_factor=0.5))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        stem.zero_grad()
+        x.grad = None
+        stem(x).square().mean().backward()
+        return x.grad.clone(), [p.grad.clone() for p in stem.parameters()]
+
+    in_place = run()
+    relu = F.relu
+    monkeypatch.setattr(F, "relu", lambda t, inplace=False: relu(t))
+    out_of_place = run()
+    torch.testing.assert_close(in_place, out_of_place)
