@@ -13,7 +13,7 @@ patch-embedding conv). There is no attention, so no `attention_backend`.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from vitlab.errors import ConfigError
@@ -62,9 +62,24 @@ class MixerBlock(nn.Module):
         self.channel_mixing = _mixer_mlp(hidden_dim, channels_mlp_dim, gelu_approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rearrange(self.norm1(x), "b n c -> b c n")
-        x = x + rearrange(self.token_mixing(y), "b c n -> b n c")
+        """Tokens (b, n, c) -> the same shape."""
+        x = self._mix_tokens(self.norm1(x), x)
         return x + self.channel_mixing(self.norm2(x))
+
+    def _mix_tokens(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x + TokenMLP(yᵀ)ᵀ for y, x (b, n, c), computed as W₂ GELU(W₁ y + b₁) + b₂ + x.
+
+        The same weights and arithmetic as `token_mixing(yᵀ)ᵀ` (its Dense layers
+        apply to the token axis), but with the weights multiplied from the left,
+        so no (b, c, n) transposed copy is made on the way in or out and the
+        residual is added by the second matmul itself (`baddbmm`).
+        """
+        mlp, (b, _, c) = self.token_mixing, y.shape
+        w1 = repeat(mlp.fc1.weight, "t n -> b t n", b=b)  # broadcast views, no copies
+        w2 = repeat(mlp.fc2.weight, "n t -> b n t", b=b)
+        h = torch.baddbmm(repeat(mlp.fc1.bias, "t -> b t c", b=b, c=c), w1, y)
+        x = torch.baddbmm(x, w2, mlp.act(h))
+        return x + rearrange(mlp.fc2.bias, "n -> n 1")
 
 
 class MlpMixer(nn.Module):
