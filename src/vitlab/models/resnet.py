@@ -9,8 +9,9 @@ is the whole hybrid.
 Flax's "SAME" padding is TensorFlow's: when the total padding is odd, the extra
 row and column go at the bottom and right. PyTorch's symmetric `padding=` cannot
 express that for the strided 7x7 root conv, the 3x3/2 max-pool and the strided
-3x3 convs on even inputs, so every padded op here pads explicitly with `pad_same`
-(missing this moves the logits by ~0.5).
+3x3 convs on even inputs, so those ops pad explicitly with `pad_same` (missing
+this moves the logits by ~0.5); where SAME is symmetric (every stride-1 conv) the
+conv pads itself, which saves a copy of the feature map.
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ GROUP_NORM_EPS = 1e-6
 WEIGHT_STANDARDIZATION_EPS = 1e-5
 
 
-def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
-    """Pad (b, c, h, w) as TF/Flax "SAME" does, so a VALID op after it outputs ceil(size / stride).
+def same_pads(x: torch.Tensor, kernel_size: int, stride: int) -> list[int]:
+    """The TF/Flax "SAME" padding of (b, c, h, w), in `F.pad` order (left, right, top, bottom).
 
-    The total padding per side pair is `max((out - 1) * stride + kernel_size - size, 0)`;
-    the larger half goes after (bottom / right).
+    The total padding per side pair is `max((out - 1) * stride + kernel_size - size, 0)`,
+    out = ceil(size / stride); the larger half goes after (bottom / right).
     """
     pads = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
         total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
         pads += [total // 2, total - total // 2]
+    return pads
+
+
+def pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """Pad (b, c, h, w) as TF/Flax "SAME" does, so a VALID op after it outputs ceil(size / stride)."""
+    pads = same_pads(x, kernel_size, stride)
     return F.pad(x, pads, value=value) if any(pads) else x
 
 
@@ -64,8 +71,10 @@ class StdConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         std, mean = torch.std_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
         weight = (self.weight - mean) / (std + WEIGHT_STANDARDIZATION_EPS)
-        x = pad_same(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, weight, stride=self.stride)
+        left, right, top, bottom = same_pads(x, self.kernel_size[0], self.stride[0])
+        if left == right and top == bottom:  # the conv pads symmetrically itself, with no copy
+            return F.conv2d(x, weight, stride=self.stride, padding=(top, left))
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, stride=self.stride)
 
 
 def group_norm(num_channels: int) -> nn.GroupNorm:
@@ -104,10 +113,11 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.conv_proj is None else self.gn_proj(self.conv_proj(x))
-        y = F.relu(self.gn1(self.conv1(x)))
-        y = F.relu(self.gn2(self.conv2(y)))
+        # In place: GroupNorm and addition keep nothing of their outputs for backward.
+        y = F.relu(self.gn1(self.conv1(x)), inplace=True)
+        y = F.relu(self.gn2(self.conv2(y)), inplace=True)
         y = self.gn3(self.conv3(y))
-        return F.relu(residual + y)
+        return F.relu(residual + y, inplace=True)
 
 
 class ResNetStage(nn.Module):
@@ -174,7 +184,7 @@ class ResNetV2(nn.Module):
         self.stride = 4 * 2 ** max(len(self.num_layers) - 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.gn_root(self.conv_root(x)))
+        x = F.relu(self.gn_root(self.conv_root(x)), inplace=True)
         x = F.max_pool2d(pad_same(x, 3, 2, value=-math.inf), kernel_size=3, stride=2)
         for stage in self.stages:
             x = stage(x)
