@@ -13,8 +13,11 @@ The contenders run in one process, on one device, on the same synthetic data:
 - inference of both models: eval mode, `torch.inference_mode`, one batch already
   on the device.
 
-After `warmup_rounds` discarded rounds, the contenders take turns (A B C A B C ...)
-for `rounds` rounds, so a machine that slows down (a shared CPU) hits them alike.
+After `warmup_rounds` discarded rounds, the contenders take turns for `rounds`
+rounds, in an order reversed every round (A B C, C B A, ...), so a machine that
+slows down (a shared CPU) hits them alike and none always runs right after the
+same neighbour (a training step leaves the allocator and the caches in another
+state than an inference does).
 A contender's round is `steps` timed steps (a fit runs one more first, untimed: the
 start of a fit is no step). Throughput is the median over rounds; a ratio is the
 median of the per-round ratios, which pairs measurements taken moments apart. On a
@@ -448,7 +451,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     for round_index in range(settings.warmup_rounds + settings.rounds):
         warmup = round_index < settings.warmup_rounds
         peaks.append(measure_peak_flops(device, dtype, settings.peak_matmul_size))
-        for contender in contenders:
+        # A B C, then C B A: each contender runs as often after a big training step as
+        # after an inference (the allocator's and caches' state it inherits differ).
+        for contender in contenders if round_index % 2 == 0 else contenders[::-1]:
             speed = contender.run(settings.steps)
             if not warmup:
                 contender.samples.append(speed)
@@ -564,7 +569,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{settings['peak_matmul_size'] or 'default'}² matmul in the run's dtype, measured "
         "in every round.",
         f"- Method: {settings['warmup_rounds']} warm-up round(s), then {settings['rounds']} rounds "
-        f"of {settings['steps']} timed steps per contender, interleaved; medians over rounds "
+        f"of {settings['steps']} timed steps per contender, interleaved (the order reversed every "
+        "round); medians over rounds "
         "(min–max in brackets); other processes only slow a round down, so the best round "
         "and the ratio of bests are the least disturbed.",
         f"- Peak memory: one step's highest allocation above its start ({memory_note}).",
