@@ -239,9 +239,7 @@ def train(cfg: DictConfig) -> float | None:
     """
     with _wandb_run_closed_after():
         check_run(cfg)
-        ckpt_path = resolve_ckpt_path(
-            cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir
-        )
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
         if ckpt_path:
             _training_checkpoint(ckpt_path)
             log.info("Resuming from %s", ckpt_path)

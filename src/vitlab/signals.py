@@ -147,4 +147,3 @@ class GracefulStop(L.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
-
