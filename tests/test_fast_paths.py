@@ -4,7 +4,7 @@ Each fast path (`make bench` measures what it buys) is checked against the
 straightforward computation it replaces, forward and backward:
 
 - a class-token ViT runs its last block for the class token only
-  (`Block.forward_first_token`), against `forward_head(forward_features(x))`;
+  (`Block.forward(first_token_only=True)`), against `forward_head(forward_features(x))`;
 - Mixer's token mixing multiplies from the left with the residual folded in
   (`MixerBlock._mix_tokens`), against the transposed `token_mixing(yᵀ)ᵀ`;
 - a StdConv2d pads symmetric SAME padding inside the conv, against `pad_same`.

@@ -56,7 +56,7 @@ def sdpa_backend(name: str) -> SDPBackend | None:
     return SDPA_BACKENDS[name]
 
 
-def checkpointed(block: Callable[..., torch.Tensor], *args: Any, enabled: bool) -> torch.Tensor:
+def checkpointed(block: nn.Module, *args: Any, enabled: bool) -> torch.Tensor:
     """`block(*args)`, under activation checkpointing when `enabled` and it matters.
 
     Checkpointing keeps only the block's input for backward and recomputes the rest
@@ -66,8 +66,7 @@ def checkpointed(block: Callable[..., torch.Tensor], *args: Any, enabled: bool) 
     it works with `torch.compile`, with inputs that need no grad, and replays the
     same dropout masks (the RNG state is restored for the recomputation).
     """
-    module = getattr(block, "__self__", block)  # a bound method checkpoints as its module
-    if enabled and module.training and torch.is_grad_enabled():
+    if enabled and block.training and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
 
@@ -160,31 +159,30 @@ class Attention(nn.Module):
             q, k = rotate(q), rotate(k)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
-        """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE)."""
-        q, k, v = self._qkv(x, rotate)
+    def forward(
+        self, x: torch.Tensor, rotate: Rotate | None = None, first_token_only: bool = False
+    ) -> torch.Tensor:
+        """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE).
+
+        `first_token_only`: the output for token 0 (the class token) alone, (b, 1, d).
+        Keys and values still come from every token, the query from the first one:
+        about a third of the projection work and 1/n of the attention's. The first
+        token is a prefix token, which every position encoding leaves unrotated
+        (`pos_embed.py`), so only the keys are rotated then.
+        """
+        if first_token_only:
+            width = x.shape[-1]
+            q = F.linear(x[:, :1], self.qkv.weight[:width], self.qkv.bias[:width])
+            kv = F.linear(x, self.qkv.weight[width:], self.qkv.bias[width:])
+            q = rearrange(q, "b one (h d) -> b h one d", h=self.num_heads)
+            k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+            if rotate is not None:
+                k = rotate(k)
+        else:
+            q, k, v = self._qkv(x, rotate)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
         x = self._sdpa(q, k, v, dropout_p)
         return self.out(rearrange(x, "b h n d -> b n (h d)"))
-
-    def forward_first_token(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
-        """Tokens (b, n, d) -> what `forward` outputs for token 0 (the class token) only, (b, 1, d).
-
-        Keys and values come from every token, the query from the first one alone:
-        about a third of the projection work and 1/n of the attention's. The first
-        token is a prefix token, which every position encoding leaves unrotated
-        (`pos_embed.py`), so only the keys are rotated.
-        """
-        width = x.shape[-1]
-        q = F.linear(x[:, :1], self.qkv.weight[:width], self.qkv.bias[:width])
-        kv = F.linear(x, self.qkv.weight[width:], self.qkv.bias[width:])
-        q = rearrange(q, "b one (h d) -> b h one d", h=self.num_heads)
-        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
-        if rotate is not None:
-            k = rotate(k)
-        dropout_p = self.attention_dropout_rate if self.training else 0.0
-        x = self._sdpa(q, k, v, dropout_p)
-        return self.out(rearrange(x, "b h one d -> b one (h d)"))
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
@@ -280,24 +278,20 @@ class Block(nn.Module):
         self.mlp = Mlp(hidden_size, mlp_dim, dropout_rate, gelu_approximate)
         self.drop_path = DropPath(drop_path_rate)
 
-    def forward(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
-        """Tokens (b, n, d) -> (b, n, d); `rotate` is passed to the attention (see `Attention`)."""
-        x = x + self.drop_path(self.drop(self.attn(self.norm1(x), rotate)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(
+        self, x: torch.Tensor, rotate: Rotate | None = None, first_token_only: bool = False
+    ) -> torch.Tensor:
+        """Tokens (b, n, d) -> (b, n, d); `rotate` is passed to the attention (see `Attention`).
 
-    def forward_first_token(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
-        """Tokens (b, n, d) -> `forward(x)[:, :1]`, (b, 1, d), computing only what that needs.
-
-        The class-token classifier reads nothing else of the last block, whose
-        attention queries, output projection and MLP for the other n - 1 tokens
-        would be thrown away: skipping them saves most of one block's work, forward
-        and backward (about 7% of ViT-S/16), and changes no logit beyond float
-        rounding.
+        `first_token_only`: `forward(x)[:, :1]`, (b, 1, d), computing only what that
+        needs. The class-token classifier reads nothing else of the last block, whose
+        attention queries, output projection and MLP for the other n - 1 tokens would
+        be thrown away: skipping them saves most of one block's work, forward and
+        backward (about 7% of ViT-S/16), and changes no logit beyond float rounding.
         """
-        first = x[:, :1] + self.drop_path(
-            self.drop(self.attn.forward_first_token(self.norm1(x), rotate))
-        )
-        return first + self.drop_path(self.mlp(self.norm2(first)))
+        attended = self.attn(self.norm1(x), rotate, first_token_only)
+        x = (x[:, :1] if first_token_only else x) + self.drop_path(self.drop(attended))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class DropPath(nn.Module):

@@ -182,12 +182,20 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (b, c, H, W) -> encoded tokens (b, prefix + h*w, hidden_size), after the final LayerNorm."""
+        return self.norm(self._encode(x))
+
+    def _encode(self, x: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
+        """Images -> the tokens out of the last block (only the first token if `first_token_only`)."""
         x, grid = self._embed(x)
         rotate = self.pos_embed.rotation(grid, x.device)
-        for index, block in enumerate(self.blocks):
+        blocks = self.blocks[:-1] if first_token_only else self.blocks
+        for index, block in enumerate(blocks):
             x = checkpointed(block, x, rotate, enabled=self.grad_checkpointing)
             x = self.pos_embed.after_block(index, x, grid)
-        return self.norm(x)
+        if first_token_only:
+            # after_block leaves the prefix (class) token alone: nothing to call after this.
+            x = checkpointed(self.blocks[-1], x, rotate, True, enabled=self.grad_checkpointing)
+        return x
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Images (b, c, H, W) -> each layer's attention weights, (b, num_heads, n, n), n = prefix + h*w.
@@ -230,16 +238,7 @@ class VisionTransformer(nn.Module):
         """Images (b, c, H, W) -> logits (b, num_classes).
 
         With the class-token classifier, the last block runs for the class token only
-        (`Block.forward_first_token`): the logits read nothing else of it.
+        (`Block.forward(first_token_only=True)`): the logits read nothing else of it.
         """
-        if self.classifier != "token":
-            return self.forward_head(self.forward_features(x))
-        x, grid = self._embed(x)
-        rotate = self.pos_embed.rotation(grid, x.device)
-        *body, last = self.blocks
-        for index, block in enumerate(body):
-            x = checkpointed(block, x, rotate, enabled=self.grad_checkpointing)
-            x = self.pos_embed.after_block(index, x, grid)
-        # after_block leaves the prefix (class) token alone, so the last call is skipped.
-        x = checkpointed(last.forward_first_token, x, rotate, enabled=self.grad_checkpointing)
-        return self.forward_head(self.norm(x))
+        token = self.classifier == "token"
+        return self.forward_head(self.norm(self._encode(x, first_token_only=token)))
