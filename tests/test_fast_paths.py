@@ -7,7 +7,10 @@ straightforward computation it replaces, forward and backward:
   (`Block.forward(first_token_only=True)`), against `forward_head(forward_features(x))`;
 - Mixer's token mixing multiplies from the left with the residual folded in
   (`MixerBlock._mix_tokens`), against the transposed `token_mixing(yᵀ)ᵀ`;
-- a StdConv2d pads symmetric SAME padding inside the conv, against `pad_same`.
+- a StdConv2d pads symmetric SAME padding inside the conv, against `pad_same`;
+- without autograd, the MLPs' GELU overwrites its input (`Mlp.activate`), or runs
+  inside the first layer's matmul on a CPU (`fused_linear_gelu`), against the same
+  model with autograd on.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from torch import nn
 
 from tests.conftest import tiny_vit
 from tests.test_scale_knobs import images, randomized, tiny_hybrid, tiny_mixer
-from vitlab.models import ResNetV2
+from vitlab.models import ResNetV2, layers, mixer
+from vitlab.models.layers import Mlp, fused_linear_gelu
 from vitlab.models.resnet import WEIGHT_STANDARDIZATION_EPS, StdConv2d, pad_same
 
 
@@ -132,3 +136,76 @@ def test_resnet_in_place_relus_give_the_out_of_place_gradients(monkeypatch) -> N
     monkeypatch.setattr(F, "relu", lambda t, inplace=False: relu(t))
     out_of_place = run()
     torch.testing.assert_close(in_place, out_of_place)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_overwrites_its_input_only_where_autograd_keeps_nothing(approximate) -> None:
+    mlp = Mlp(8, 16, gelu_approximate=approximate)
+    h = torch.randn(4, 16)
+    expected = F.gelu(h, approximate=approximate)
+    with torch.no_grad():
+        given = h.clone()
+        out = mlp.activate(given)
+    assert out.data_ptr() == given.data_ptr(), "no second buffer without autograd"
+    assert torch.equal(out, expected), "the same kernel: the same bits"
+    with torch.inference_mode():
+        given = h.clone()
+        assert mlp.activate(given).data_ptr() == given.data_ptr()
+    # With autograd, backward needs the GELU's input: it must be left as it was.
+    given = h.clone().requires_grad_()
+    out = mlp.activate(given)
+    assert out.data_ptr() != given.data_ptr()
+    assert torch.equal(given.detach(), h)
+    out.sum().backward()
+    assert given.grad is not None
+
+
+def test_fused_linear_gelu_is_the_plain_linear_then_gelu() -> None:
+    linear = nn.Linear(24, 40)
+    x = torch.randn(2, 7, 24)
+    for approximate in ("tanh", "none"):
+        plain = F.gelu(linear(x), approximate=approximate).detach()
+        with torch.no_grad():
+            fused = fused_linear_gelu(x, linear, approximate)
+            # Mixer reads its tokens transposed: a strided view, not a copy
+            transposed = fused_linear_gelu(x.mT.contiguous().mT, linear, approximate)
+        assert fused is not None and fused.shape == (2, 7, 40)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(transposed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_gelu_steps_aside_where_it_does_not_apply() -> None:
+    linear, x = nn.Linear(8, 16), torch.randn(3, 8)
+    assert fused_linear_gelu(x, linear, "tanh") is None, "autograd records it: no backward"
+    with torch.no_grad():
+        assert fused_linear_gelu(x.double(), linear.double(), "tanh") is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused_linear_gelu(x, linear, "tanh") is None
+    frozen = nn.Linear(8, 16).requires_grad_(False)
+    assert fused_linear_gelu(x, frozen, "tanh") is not None, "nothing to record"
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_vit, tiny_mixer, tiny_hybrid], ids=["vit", "mixer", "hybrid"]
+)
+def test_inference_without_autograd_gives_the_logits_of_a_graphed_forward(
+    make, monkeypatch
+) -> None:
+    model = randomized(make()).eval()
+    x = images(model, batch=3)
+    graphed = model(x)
+    assert graphed.requires_grad
+    calls = []
+    real = layers.fused_linear_gelu
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layers, "fused_linear_gelu", counted)
+    monkeypatch.setattr(mixer, "fused_linear_gelu", counted)
+    for no_graph in (torch.inference_mode, torch.no_grad):
+        with no_graph():
+            torch.testing.assert_close(model(x), graphed.detach(), rtol=1e-5, atol=1e-6)
+    assert calls and all(calls), "every MLP took the fused kernel"

@@ -23,6 +23,7 @@ from vitlab.models.layers import (
     Mlp,
     PatchEmbed,
     checkpointed,
+    fused_linear_gelu,
     lecun_normal_,
 )
 
@@ -72,13 +73,21 @@ class MixerBlock(nn.Module):
         The same weights and arithmetic as `token_mixing(yᵀ)ᵀ` (its Dense layers
         apply to the token axis), but with the weights multiplied from the left,
         so no (b, c, n) transposed copy is made on the way in or out and the
-        residual is added by the second matmul itself (`baddbmm`).
+        residual is added by the second matmul itself (`baddbmm`). Without
+        autograd on a CPU, the first layer and its GELU are one oneDNN kernel
+        (`fused_linear_gelu`) reading yᵀ as a strided view; its (b, c, t) output
+        enters the second matmul transposed, again as a view.
         """
         mlp, (b, _, c) = self.token_mixing, y.shape
-        w1 = repeat(mlp.fc1.weight, "t n -> b t n", b=b)  # broadcast views, no copies
+        hidden = fused_linear_gelu(rearrange(y, "b n c -> b c n"), mlp.fc1, mlp.act.approximate)
+        if hidden is None:
+            w1 = repeat(mlp.fc1.weight, "t n -> b t n", b=b)  # broadcast views, no copies
+            h = torch.baddbmm(repeat(mlp.fc1.bias, "t -> b t c", b=b, c=c), w1, y)
+            hidden = mlp.activate(h)
+        else:
+            hidden = rearrange(hidden, "b c t -> b t c")
         w2 = repeat(mlp.fc2.weight, "n t -> b n t", b=b)
-        h = torch.baddbmm(repeat(mlp.fc1.bias, "t -> b t c", b=b, c=c), w1, y)
-        x = torch.baddbmm(x, w2, mlp.act(h))
+        x = torch.baddbmm(x, w2, hidden)
         return x + rearrange(mlp.fc2.bias, "n -> n 1")
 
 
