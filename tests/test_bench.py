@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,40 @@ def test_more_than_one_device_is_refused(make_cfg):
 def test_zero_rounds_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"bench.rounds=0 must be an integer >= 1"):
         BenchSettings(rounds=0)
+
+
+def _recording_build_trainer(monkeypatch, limit_steps=None):
+    """Patch `vitlab.bench.build_trainer` to keep the trainers it builds (optionally cut short)."""
+    import vitlab.bench
+
+    trainers = []
+    real = vitlab.bench.build_trainer
+
+    def build(cfg, **kwargs):
+        trainer = real(cfg, **kwargs)
+        if limit_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps = limit_steps
+        trainers.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(vitlab.bench, "build_trainer", build)
+    return trainers
+
+
+def test_one_fit_runs_the_whole_race_and_its_first_step_is_untimed(make_cfg, monkeypatch):
+    trainers = _recording_build_trainer(monkeypatch)
+    cfg = make_cfg(*TINY, "bench.rounds=3", "bench.steps=2", "bench.timm=false", config_name="bench")
+    bench(cfg)
+    report = json.loads((Path(cfg.paths.output_dir) / "bench.json").read_text())
+    assert len(trainers) == 1, "one fit, not one per round"
+    # 1 untimed step, then (1 warm-up + 3 measured rounds) x 2 steps
+    assert trainers[0].global_step == 1 + (1 + 3) * 2
+    for contender in report["contenders"]:
+        assert len(contender["samples"]) == 3
+
+
+def test_a_fit_that_stops_before_the_race_is_over_is_an_error(make_cfg, monkeypatch):
+    _recording_build_trainer(monkeypatch, limit_steps=2)
+    cfg = make_cfg(*TINY, "bench.timm=false", config_name="bench")
+    with pytest.raises(RuntimeError, match=r"the fit stopped after 2 steps"):
+        bench(cfg)

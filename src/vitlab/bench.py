@@ -3,8 +3,10 @@
 The contenders run in one process, on one device, on the same synthetic data:
 
 - `vitlab, Lightning fit`: the real `Trainer.fit` that `src/train.py` runs (the
-  configured callbacks, logger, precision, gradient clipping and DataLoader); one
-  short fit per round.
+  configured callbacks, logger, precision, gradient clipping and DataLoader). One
+  fit runs the whole race: the other contenders take their turns between its
+  turns, from a callback (`_FitTurns`), so the fit is timed in its steady state,
+  as in a long training run, not in the slower first steps of a fresh fit.
 - `vitlab, bare loop`: the same backbone with no framework: forward, cross-entropy,
   backward, the trainer's gradient clipping, the configured optimizer's step, on
   batches from the same DataLoader. Against the fit, this is Lightning's overhead.
@@ -18,8 +20,8 @@ rounds, in an order reversed every round (A B C, C B A, ...), so a machine that
 slows down (a shared CPU) hits them alike and none always runs right after the
 same neighbour (a training step leaves the allocator and the caches in another
 state than an inference does).
-A contender's round is `steps` timed steps (a fit runs one more first, untimed: the
-start of a fit is no step). Throughput is the median over rounds; a ratio is the
+A contender's round is `steps` timed steps (the fit's first step, which creates the
+optimizer's state, is not timed). Throughput is the median over rounds; a ratio is the
 median of the per-round ratios, which pairs measurements taken moments apart. On a
 machine shared with other work, time stolen by others only ever slows a round down,
 so the best round of each contender, and the ratio of the bests, are also reported.
@@ -40,7 +42,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -105,6 +107,9 @@ class BenchSettings:
 class Contender:
     """One timed thing: `run(steps)` times `steps` steps and returns images per second.
 
+    The Lightning fit has no `run`: it is one fit that runs the others between its
+    turns (`_FitTurns`).
+
     Attributes:
         model: "vitlab" or "timm", whose model runs.
         loop: FIT, BARE or INFER.
@@ -114,7 +119,7 @@ class Contender:
     model: str
     loop: str
     description: str
-    run: Callable[[int], float]
+    run: Callable[[int], float] | None
     flops_per_image: float
     params: int
     peak_memory: float | None = None
@@ -247,15 +252,51 @@ def input_dtype_for(precision: str) -> torch.dtype:
     return precision_dtype(precision) if precision.endswith("-true") else torch.float32
 
 
-class _BatchEndTimes(L.Callback):
-    """perf_counter() at the end of every training batch, after every other callback's hook."""
+class _FitTurns(L.Callback):
+    """Drives the race from inside one long `Trainer.fit`: the fit's turn is `steps` of its batches.
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
+    The race (`race`) is a generator that runs the other contenders and yields
+    where the fit's turn comes. After the fit's first batch (untimed: the
+    optimizer's state is created there) and after every `steps` batches from then
+    on, this sends the fit's speed over its last turn (None the first time) and
+    the race runs the others until the fit's next turn. A turn is timed from the
+    moment the race hands back until the end of its last batch, after every other
+    callback's hook: data loading, logging and callbacks included, as in training.
+    When the race is over, the fit is told to stop.
+    """
+
+    def __init__(
+        self,
+        race: Generator[None, float | None, None],
+        steps: int,
+        batch: int,
+        device: torch.device,
+    ) -> None:
+        self.race = race
+        self.steps = steps
+        self.batch = batch
+        self.device = device
+        self.finished = False
+        self._start: float | None = None
+        self._batches = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        _synchronize(trainer.strategy.root_device)
-        self.times.append(time.perf_counter())
+        _synchronize(self.device)
+        self._batches += 1
+        if self._start is None:
+            self._hand_over(trainer, None)
+        elif self._batches == self.steps:
+            self._hand_over(trainer, self.steps * self.batch / (time.perf_counter() - self._start))
+
+    def _hand_over(self, trainer: L.Trainer, speed: float | None) -> None:
+        try:
+            self.race.send(speed)
+        except StopIteration:
+            self.finished = True
+            trainer.should_stop = True
+        self._batches = 0
+        _synchronize(self.device)
+        self._start = time.perf_counter()
 
 
 def _device(trainer_cfg: DictConfig) -> torch.device:
@@ -352,14 +393,6 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     clip_val = cfg.trainer.get("gradient_clip_val")
     clip_algorithm = cfg.trainer.get("gradient_clip_algorithm") or "norm"
 
-    def fit_round(steps: int) -> float:
-        trainer = build_trainer(cfg, max_steps=steps + 1)
-        timer = _BatchEndTimes()
-        trainer.callbacks.append(timer)
-        trainer.fit(classifier, datamodule=fit_data)
-        classifier.to(device)  # a GPU fit ends by moving the module to the CPU
-        return steps * batch / (timer.times[-1] - timer.times[0])
-
     def bare(model: nn.Module) -> BareLoop:
         if precision.endswith("-true"):
             model.to(dtype)
@@ -410,7 +443,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
             "vitlab",
             FIT,
             "vitlab",
-            fit_round,
+            None,  # runs inside the one fit: see race() below
             count_flops(backbone, shape, train=True) / batch,
             _param_count(backbone),
         )
@@ -447,24 +480,48 @@ def bench(cfg: DictConfig) -> dict[str, float]:
         )
 
     machine = describe_machine(device)
-    peaks = []
-    for round_index in range(settings.warmup_rounds + settings.rounds):
-        warmup = round_index < settings.warmup_rounds
-        peaks.append(measure_peak_flops(device, dtype, settings.peak_matmul_size))
-        # A B C, then C B A: each contender runs as often after a big training step as
-        # after an inference (the allocator's and caches' state it inherits differ).
-        for contender in contenders if round_index % 2 == 0 else contenders[::-1]:
-            speed = contender.run(settings.steps)
-            if not warmup:
-                contender.samples.append(speed)
-            log.info(
-                "%s round %d: %s, %s: %.2f img/s",
-                "warm-up" if warmup else "measured",
-                round_index,
-                contender.description,
-                LOOP_NAMES[contender.loop],
-                speed,
-            )
+    peaks: list[float] = []
+
+    def race() -> Generator[None, float | None, None]:
+        """The rounds; a generator that yields where the fit's turn comes and is sent its speed."""
+        for round_index in range(settings.warmup_rounds + settings.rounds):
+            warmup = round_index < settings.warmup_rounds
+            peaks.append(measure_peak_flops(device, dtype, settings.peak_matmul_size))
+            # A B C, then C B A: each contender runs as often after a big training step as
+            # after an inference (the allocator's and caches' state it inherits differ).
+            for contender in contenders if round_index % 2 == 0 else contenders[::-1]:
+                if contender.loop == FIT:
+                    speed = yield
+                else:
+                    speed = contender.run(settings.steps)
+                if not warmup:
+                    contender.samples.append(speed)
+                log.info(
+                    "%s round %d: %s, %s: %.2f img/s",
+                    "warm-up" if warmup else "measured",
+                    round_index,
+                    contender.description,
+                    LOOP_NAMES[contender.loop],
+                    speed,
+                )
+
+    # One fit for the whole race, the other contenders running between its turns: a
+    # fit's first steps are slower than its later ones (a new optimizer, the
+    # allocator filling up), and training is a long fit, so the fit is measured in
+    # its steady state, as the bare loops are.
+    turns = _FitTurns(race(), settings.steps, batch, device)
+    trainer = build_trainer(
+        cfg,
+        max_epochs=-1,
+        max_steps=1 + (settings.warmup_rounds + settings.rounds) * settings.steps,
+    )
+    trainer.callbacks.append(turns)  # last: its turns include every other callback's hooks
+    trainer.fit(classifier, datamodule=fit_data)
+    if not turns.finished:
+        raise RuntimeError(
+            f"the fit stopped after {trainer.global_step} steps, before the benchmark's rounds "
+            "were over; is a callback or trainer setting (max_time, early stopping) ending it?"
+        )
     peak = max(peaks)
     machine["load_average_1min_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
