@@ -141,7 +141,9 @@ def _recording_build_trainer(monkeypatch, limit_steps=None):
 
 def test_one_fit_runs_the_whole_race_and_its_first_step_is_untimed(make_cfg, monkeypatch):
     trainers = _recording_build_trainer(monkeypatch)
-    cfg = make_cfg(*TINY, "bench.rounds=3", "bench.steps=2", "bench.timm=false", config_name="bench")
+    cfg = make_cfg(
+        *TINY, "bench.rounds=3", "bench.steps=2", "bench.timm=false", config_name="bench"
+    )
     bench(cfg)
     report = json.loads((Path(cfg.paths.output_dir) / "bench.json").read_text())
     assert len(trainers) == 1, "one fit, not one per round"

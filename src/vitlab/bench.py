@@ -64,7 +64,7 @@ from vitlab.checks import check_run
 from vitlab.errors import ConfigError
 from vitlab.flops import count_flops, measure_peak_flops, precision_dtype
 from vitlab.optim import param_groups
-from vitlab.pipeline import _prepare, build_classifier, build_trainer, instantiate
+from vitlab.pipeline import build_classifier, build_trainer, instantiate, prepare_run
 from vitlab.timm_twins import timm_twin
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     twin, twin_name = (
         timm_twin(OmegaConf.to_container(cfg.model, resolve=True)) if settings.timm else (None, "")
     )
-    _prepare(cfg)
+    prepare_run(cfg)
 
     classifier = build_classifier(cfg).to(device)
     backbone = classifier.backbone

@@ -27,6 +27,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from vitlab.allocator import retain_freed_memory
 from vitlab.checkpoint_io import AtomicCheckpointIO
 from vitlab.checks import check_run, check_trainer
 from vitlab.classifier import ImageClassifier
@@ -152,7 +153,10 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     return trainer
 
 
-def _prepare(cfg: DictConfig) -> None:
+def prepare_run(cfg: DictConfig) -> None:
+    """What every entry point does before its work: the `extras`, provenance, the seed."""
+    if cfg.get("extras", {}).get("retain_freed_memory"):
+        retain_freed_memory()
     if cfg.get("extras", {}).get("ignore_warnings"):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
@@ -243,7 +247,7 @@ def train(cfg: DictConfig) -> float | None:
         if ckpt_path:
             _training_checkpoint(ckpt_path)
             log.info("Resuming from %s", ckpt_path)
-        _prepare(cfg)
+        prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
         model = build_classifier(cfg)
         trainer = build_trainer(cfg)
@@ -288,7 +292,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 cfg[key] = OmegaConf.merge(run_cfg[key], chosen or {})
         cfg.classifier = run_cfg.get("classifier", {})
     with _wandb_run_closed_after():
-        _prepare(cfg)
+        prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
         model = build_classifier(cfg, with_optimizer=False)
         trainer = build_trainer(cfg)
