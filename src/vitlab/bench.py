@@ -490,7 +490,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
             # A B C, then C B A: each contender runs as often after a big training step as
             # after an inference (the allocator's and caches' state it inherits differ).
             for contender in contenders if round_index % 2 == 0 else contenders[::-1]:
-                if contender.loop == FIT:
+                if contender.run is None:  # the fit: its turn is the fit's next steps
                     speed = yield
                 else:
                     speed = contender.run(settings.steps)
@@ -510,11 +510,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     # allocator filling up), and training is a long fit, so the fit is measured in
     # its steady state, as the bare loops are.
     turns = _FitTurns(race(), settings.steps, batch, device)
-    trainer = build_trainer(
-        cfg,
-        max_epochs=-1,
-        max_steps=1 + (settings.warmup_rounds + settings.rounds) * settings.steps,
-    )
+    max_steps = 1 + (settings.warmup_rounds + settings.rounds) * settings.steps
+    # An epoch has at least one step, so max_epochs=max_steps never ends the fit first.
+    trainer = build_trainer(cfg, max_epochs=max_steps, max_steps=max_steps)
     trainer.callbacks.append(turns)  # last: its turns include every other callback's hooks
     trainer.fit(classifier, datamodule=fit_data)
     if not turns.finished:
