@@ -17,8 +17,8 @@ after a few steps: PyTorch asks for 64-byte aligned blocks, glibc pads each such
 request, and a freed block serves the same request again once its neighbours'
 fragments are consolidated. The price: the process keeps its peak host memory
 until it exits. Measured on that VM, training ViT-S/16 (batch 32, one model):
-8.73 vs 6.66 img/s, 0.73M vs 3.1M page faults, peak RSS 3146 vs 3105 MB. Only glibc (Linux) has these
-settings; elsewhere this does nothing. `extras.retain_freed_memory` (on by
+8.73 vs 6.66 img/s, 0.73M vs 3.1M page faults, peak RSS 3146 vs 3105 MB.
+Only glibc (Linux) has these settings; elsewhere this does nothing. `extras.retain_freed_memory` (on by
 default) applies it when `src/train.py`, `src/eval.py` or `src/bench.py` start.
 """
 

@@ -150,8 +150,22 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def _qkv(
-        self, x: torch.Tensor, rotate: Rotate | None
+        self, x: torch.Tensor, rotate: Rotate | None, first_token_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (b, n, d) -> q, k, v (b, heads, n, head_dim), q and k rotated if `rotate`.
+
+        `first_token_only`: q for token 0 alone (b, heads, 1, head_dim), projected from
+        that token only; k and v still from every token. The first token is a prefix
+        token, which every position encoding leaves unrotated (`pos_embed.py`), so
+        only k is rotated then.
+        """
+        if first_token_only:
+            width = x.shape[-1]
+            q = F.linear(x[:, :1], self.qkv.weight[:width], self.qkv.bias[:width])
+            kv = F.linear(x, self.qkv.weight[width:], self.qkv.bias[width:])
+            q = rearrange(q, "b one (h d) -> b h one d", h=self.num_heads)
+            k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+            return q, k if rotate is None else rotate(k), v
         q, k, v = rearrange(
             self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         )
@@ -165,21 +179,10 @@ class Attention(nn.Module):
         """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE).
 
         `first_token_only`: the output for token 0 (the class token) alone, (b, 1, d).
-        Keys and values still come from every token, the query from the first one:
-        about a third of the projection work and 1/n of the attention's. The first
-        token is a prefix token, which every position encoding leaves unrotated
-        (`pos_embed.py`), so only the keys are rotated then.
+        Keys and values still come from every token, the query from the first one
+        (`_qkv`): about a third of the projection work and 1/n of the attention's.
         """
-        if first_token_only:
-            width = x.shape[-1]
-            q = F.linear(x[:, :1], self.qkv.weight[:width], self.qkv.bias[:width])
-            kv = F.linear(x, self.qkv.weight[width:], self.qkv.bias[width:])
-            q = rearrange(q, "b one (h d) -> b h one d", h=self.num_heads)
-            k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
-            if rotate is not None:
-                k = rotate(k)
-        else:
-            q, k, v = self._qkv(x, rotate)
+        q, k, v = self._qkv(x, rotate, first_token_only)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
         x = self._sdpa(q, k, v, dropout_p)
         return self.out(rearrange(x, "b h n d -> b n (h d)"))
@@ -264,16 +267,19 @@ class Mlp(nn.Module):
         numbers are the same to the bit. While training, backward needs `h`, so the
         GELU writes a new tensor, as `self.act` does.
         """
-        if torch.is_grad_enabled() and h.requires_grad:
+        if _records_graph(h):
             return self.act(h)
         return torch.ops.aten.gelu_(h, approximate=self.act.approximate)
 
 
-def _needs_graph(x: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether autograd would record `linear(x)`."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, linear.weight, linear.bias)
-    )
+def _records_graph(*inputs: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on `inputs`, i.e. keeps what its backward needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
+_HAS_ONEDNN_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
 
 
 def fused_linear_gelu(
@@ -299,7 +305,7 @@ def fused_linear_gelu(
     if (
         x.device.type != "cpu"
         or x.dtype != torch.float32
-        or _needs_graph(x, linear)
+        or _records_graph(x, linear.weight, linear.bias)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
         or not _HAS_ONEDNN_LINEAR_POINTWISE
@@ -308,11 +314,6 @@ def fused_linear_gelu(
     return torch.ops.mkldnn._linear_pointwise(
         x, linear.weight, linear.bias, "gelu", [], approximate
     )
-
-
-_HAS_ONEDNN_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise"
-)
 
 
 class Block(nn.Module):
