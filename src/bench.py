@@ -1,6 +1,6 @@
 """Benchmark a model: `python src/bench.py [model=vit_s16] [data.batch_size=32] [trainer.precision=32-true]`.
 
-Composes `conf/bench.yaml` with Hydra and hands it to `vitlab.bench.bench`, which
+Composes `conf/bench.yaml` with Hydra and hands it to `vitlab.bench.race.bench`, which
 races the model in Lightning's fit, in a bare PyTorch loop and against timm, and
 writes `bench.md` and `bench.json` into the run folder.
 """
@@ -8,8 +8,8 @@ writes `bench.md` and `bench.json` into the run folder.
 import hydra
 from omegaconf import DictConfig
 
-from vitlab.bench import bench
-from vitlab.pipeline import run_task
+from vitlab.bench.race import bench
+from vitlab.runs.tasks import run_task
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")

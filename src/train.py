@@ -1,12 +1,12 @@
 """Train a model: `python src/train.py [group=option ...] [key=value ...]`.
 
-Composes `conf/train.yaml` with Hydra and hands it to `vitlab.pipeline.train`.
+Composes `conf/train.yaml` with Hydra and hands it to `vitlab.runs.tasks.train`.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from vitlab.pipeline import run_task, train
+from vitlab.runs.tasks import run_task, train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import vitlab.pipeline  # noqa: F401  (registers the `vitlab.unique` resolver)
+import vitlab.runs.tasks  # noqa: F401  (registers the `vitlab.unique` resolver)
 from vitlab.models import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def wait_until_wandb_run_is_written(path: Path, timeout_s: float = 20.0) -> Path
     `wandb.finish()` returns before wandb's service has flushed the file (its last
     block can arrive a moment later), so a test that reads it at once can see a tail missing.
     """
-    from vitlab.reports import read_wandb_run
+    from vitlab.reports.runs import read_wandb_run
 
     deadline = time.monotonic() + timeout_s
     while read_wandb_run(path).exit_code is None and time.monotonic() < deadline:

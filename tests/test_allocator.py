@@ -1,4 +1,4 @@
-"""`vitlab.allocator`: freed host memory is reused, not faulted in again (a subprocess:
+"""`vitlab.training.allocator`: freed host memory is reused, not faulted in again (a subprocess:
 mallopt settings last for the whole process)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from vitlab.pipeline import prepare_run
+from vitlab.runs.tasks import prepare_run
 
 PROBE = """
 import json, resource, torch
-from vitlab.allocator import retain_freed_memory
+from vitlab.training.allocator import retain_freed_memory
 
 def faults_of_a_fresh_64mb_tensor():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -44,10 +44,10 @@ def test_retained_memory_is_reused_without_page_faults():
 
 
 def test_prepare_run_applies_it_only_when_configured(make_cfg, monkeypatch):
-    import vitlab.pipeline
+    import vitlab.runs.tasks
 
     calls = []
-    monkeypatch.setattr(vitlab.pipeline, "retain_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(vitlab.runs.tasks, "retain_freed_memory", lambda: calls.append(1))
     prepare_run(make_cfg("extras.retain_freed_memory=false"))
     assert calls == []
     prepare_run(make_cfg())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_vit
-from vitlab.analysis import attention_rollout, position_similarity
+from vitlab.models.analysis import attention_rollout, position_similarity
 from vitlab.models import MlpMixer
 
 

@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from tests.conftest import tiny_vit
-from vitlab.classifier import ImageClassifier
+from vitlab.training.classifier import ImageClassifier
 from vitlab.data import DigitsDataModule
 from vitlab.data.transforms import MixupCutmix, train_transform
 from vitlab.models.layers import DropPath
-from vitlab.pipeline import train
+from vitlab.runs.tasks import train
 
 
 def test_drop_path_is_the_identity_in_eval_mode_and_at_rate_zero():

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.pipeline import train
+from vitlab.runs.tasks import train
 
 GROUPS = ["model", "data", "optimizer", "scheduler", "trainer", "logger", "experiment"]
 

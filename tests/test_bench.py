@@ -1,4 +1,4 @@
-"""`src/bench.py` / `vitlab.bench`: the race runs end to end and writes its table; no timings asserted."""
+"""`src/bench.py` / `vitlab.bench.race`: the race runs end to end and writes its table; no timings asserted."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
 from tests.conftest import compose_config
-from vitlab.bench import BenchSettings, bench
+from vitlab.bench.race import BenchSettings, bench
 from vitlab.errors import ConfigError
-from vitlab.pipeline import build_backbone
-from vitlab.timm_twins import timm_twin
+from vitlab.runs.tasks import build_backbone
+from vitlab.bench.timm_models import timm_twin
 
 TINY = (
     "model=vit_tiny",
@@ -122,11 +122,11 @@ def test_zero_rounds_are_refused_naming_the_key():
 
 
 def _recording_build_trainer(monkeypatch, limit_steps=None):
-    """Patch `vitlab.bench.build_trainer` to keep the trainers it builds (optionally cut short)."""
-    import vitlab.bench
+    """Patch `vitlab.bench.race.build_trainer` to keep the trainers it builds (optionally cut short)."""
+    import vitlab.bench.race
 
     trainers = []
-    real = vitlab.bench.build_trainer
+    real = vitlab.bench.race.build_trainer
 
     def build(cfg, **kwargs):
         trainer = real(cfg, **kwargs)
@@ -135,7 +135,7 @@ def _recording_build_trainer(monkeypatch, limit_steps=None):
         trainers.append(trainer)
         return trainer
 
-    monkeypatch.setattr(vitlab.bench, "build_trainer", build)
+    monkeypatch.setattr(vitlab.bench.race, "build_trainer", build)
     return trainers
 
 

@@ -1,4 +1,4 @@
-"""`vitlab.flops`: FLOPs counted on the meta device, and the measured peak MFU divides by."""
+"""`vitlab.training.flops`: FLOPs counted on the meta device, and the measured peak MFU divides by."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_vit
-from vitlab.flops import count_flops, measure_peak_flops, precision_dtype
+from vitlab.training.flops import count_flops, measure_peak_flops, precision_dtype
 
 
 def two_linears() -> nn.Module:

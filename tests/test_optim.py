@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_vit
-from vitlab.optim import constant, param_groups, warmup_cosine, warmup_linear
+from vitlab.training.optim import constant, param_groups, warmup_cosine, warmup_linear
 
 
 def _factors(make_schedule, total_steps: int, warmup_steps: int) -> list[float]:

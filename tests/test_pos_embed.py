@@ -24,8 +24,8 @@ from vitlab.models.pos_embed import (
     PosEmbed,
     SinCos2dPositionEmbedding,
 )
-from vitlab.optim import param_groups
-from vitlab.pipeline import build_backbone
+from vitlab.training.optim import param_groups
+from vitlab.runs.tasks import build_backbone
 
 KINDS = get_args(PosEmbed)
 POSITIONAL = [kind for kind in KINDS if kind != "none"]

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF_DIR
 from vitlab.models.checkpoints import save_official_npz
 from vitlab.models.vit import VisionTransformer
-from vitlab.pipeline import train
+from vitlab.runs.tasks import train
 
 VIT = {
     "vit_b16": "imagenet21k/ViT-B_16.npz",
@@ -114,7 +114,7 @@ def test_recipe_fine_tunes_as_the_original(make_cfg, name):
     assert cfg["optimizer"]["_target_"] == "torch.optim.SGD"
     assert cfg["optimizer"]["momentum"] == 0.9
     assert cfg["optimizer"]["weight_decay"] == 0.0
-    assert cfg["scheduler"]["_target_"] == "vitlab.optim.warmup_cosine"
+    assert cfg["scheduler"]["_target_"] == "vitlab.training.optim.warmup_cosine"
     assert cfg["data"]["batch_size"] == 512
     assert cfg["trainer"]["gradient_clip_val"] == 1.0
     assert cfg["trainer"]["gradient_clip_algorithm"] == "norm"

@@ -15,12 +15,12 @@ import lightning as L
 import pytest
 import torch
 
-import vitlab.pipeline as pipeline
+import vitlab.runs.tasks as pipeline
 from tests.conftest import run_train_py
-from vitlab.checkpoint_io import AtomicCheckpointIO
+from vitlab.training.checkpoint_io import AtomicCheckpointIO
 from vitlab.errors import ConfigError
-from vitlab.resume import newest_checkpoint, resolve_ckpt_path
-from vitlab.signals import Interrupted
+from vitlab.runs.resume import newest_checkpoint, resolve_ckpt_path
+from vitlab.training.signals import Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_the_trainer_saves_checkpoints_atomically(make_cfg):
 
 _SAVE_FOREVER = """
 import sys, torch
-from vitlab.checkpoint_io import AtomicCheckpointIO
+from vitlab.training.checkpoint_io import AtomicCheckpointIO
 io, big = AtomicCheckpointIO(), {"state_dict": {"w": torch.randn(4_000_000)}}
 print("saving", flush=True)
 while True:

@@ -17,10 +17,10 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from vitlab.signals import GracefulStop, Interrupted
+from vitlab.training.signals import GracefulStop, Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
-GRACEFUL_STOP = "++callbacks.graceful_stop={_target_: vitlab.signals.GracefulStop, dirpath: ${paths.output_dir}/checkpoints}"
+GRACEFUL_STOP = "++callbacks.graceful_stop={_target_: vitlab.training.signals.GracefulStop, dirpath: ${paths.output_dir}/checkpoints}"
 
 
 class SendSignalAt(L.Callback):

@@ -1,4 +1,4 @@
-"""`vitlab.pipeline.train` / `evaluate` end to end on CPU, in-process."""
+"""`vitlab.runs.tasks.train` / `evaluate` end to end on CPU, in-process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vitlab.errors import ConfigError, DataError
-from vitlab.pipeline import build_classifier, evaluate, train, unique_dir
+from vitlab.runs.tasks import build_classifier, evaluate, train, unique_dir
 
 QUICK = (
     "trainer.max_epochs=1",

@@ -1,4 +1,4 @@
-"""hydra-submitit-launcher's SLURM and local launchers, with what `vitlab.launchers` adds.
+"""hydra-submitit-launcher's SLURM and local launchers, with what `vitlab.runs.launchers` adds.
 
 Both pin the multirun folder at submission and run every job with `resume=auto`; the
 local one also makes each task of a job one of Lightning's ranks, as srun does on SLURM.
@@ -14,7 +14,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig
 
-from vitlab.launchers import export_local_ranks, pin_sweep_dir, with_requeue_overrides
+from vitlab.runs.launchers import export_local_ranks, pin_sweep_dir, with_requeue_overrides
 
 
 class _PinnedFolderResumingJobs:

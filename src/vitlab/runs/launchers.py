@@ -22,7 +22,7 @@ local subprocess, and once more each time SLURM requeues the job. So:
 The requeue signal belongs to Lightning's `SLURMEnvironment`: `conf/hydra/launcher/slurm.yaml`
 asks SLURM for SIGUSR1 before the time limit, on which Lightning saves
 `<job>/hpc_ckpt_<n>.ckpt` and runs `scontrol requeue`; SLURM's SIGTERM that follows
-makes `vitlab.signals.GracefulStop` save `checkpoints/last.ckpt`. Submitit's handler,
+makes `vitlab.training.signals.GracefulStop` save `checkpoints/last.ckpt`. Submitit's handler,
 which would requeue without saving anything and exit mid-step, listens to SIGUSR2,
 which SLURM is not asked to send.
 """

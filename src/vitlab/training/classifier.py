@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.errors import NonFiniteLossError
-from vitlab.optim import param_groups
+from vitlab.training.optim import build_optimizer
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -127,8 +127,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(
                 "ImageClassifier was built without an optimizer; pass `optimizer=` to train it"
             )
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups(self.backbone, weight_decay))
+        optimizer = build_optimizer(self.optimizer_factory, self.backbone)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from vitlab.flops import cached_peak_flops, count_flops, precision_dtype
+from vitlab.training.flops import cached_peak_flops, count_flops, precision_dtype
 
 
 def images_in(batch: Any) -> int:
@@ -29,10 +29,10 @@ class ImageThroughput(L.Callback):
     last (data loading included, validation excluded), skipping the first batch as warm-up.
 
     MFU = samples/s x FLOPs per sample / (peak FLOP/s x devices). The FLOPs of a
-    training step (forward, loss, backward; `vitlab.flops.count_flops`) are counted
+    training step (forward, loss, backward; `vitlab.training.flops.count_flops`) are counted
     once, on the meta device, from the first batch's shape: no arithmetic, no effect
     on the run. The peak is `peak_flops` if given, else measured once per process
-    with a large matmul in the run's compute dtype (`vitlab.flops.cached_peak_flops`,
+    with a large matmul in the run's compute dtype (`vitlab.training.flops.cached_peak_flops`,
     about half a second on a CPU). A module whose FLOPs cannot be counted, or a
     precision with no single dtype, logs no MFU (with a warning) and trains on.
 

@@ -27,17 +27,17 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from vitlab.allocator import retain_freed_memory
-from vitlab.checkpoint_io import AtomicCheckpointIO
-from vitlab.checks import check_run, check_trainer
-from vitlab.classifier import ImageClassifier
-from vitlab.console import print_config_tree, print_metrics
+from vitlab.training.allocator import retain_freed_memory
+from vitlab.training.checkpoint_io import AtomicCheckpointIO
+from vitlab.runs.validate import check_run, check_trainer
+from vitlab.training.classifier import ImageClassifier
+from vitlab.runs.console import print_config_tree, print_metrics
 from vitlab.errors import ConfigError, VitlabError, exit_with
 from vitlab.models.checkpoints import load_pretrained
-from vitlab.provenance import record_provenance
-from vitlab.resume import config_subdir, resolve_ckpt_path, run_folder, wandb_run_id
-from vitlab.signals import Interrupted
-from vitlab.sweep import is_multirun, job_overrides, record_status, sweep_id
+from vitlab.runs.provenance import record_provenance
+from vitlab.runs.resume import config_subdir, resolve_ckpt_path, run_folder, wandb_run_id
+from vitlab.training.signals import Interrupted
+from vitlab.runs.multirun import is_multirun, job_overrides, record_status, sweep_id
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,23 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     return backbone
 
 
+def compile_options(value: Any) -> dict[str, Any] | None:
+    """The keywords for `torch.compile` that the `compile` key asks for; None: do not compile.
+
+    `compile: true` compiles with torch's defaults; a mapping gives the keywords
+    (`compile: {mode: max-autotune}`); false or null does not compile.
+    """
+    if not value:
+        return None
+    return {} if value is True else dict(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
 def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClassifier:
     """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss."""
     scheduler = cfg.get("scheduler") if with_optimizer else None
     backbone = build_backbone(cfg.model)
-    compile_options = cfg.get("compile")
-    if compile_options:
-        options = {} if compile_options is True else OmegaConf.to_container(compile_options)
+    options = compile_options(cfg.get("compile"))
+    if options is not None:
         backbone.compile(**options)  # in place: state-dict keys stay those of the model
     optimizer = instantiate(cfg.optimizer, "optimizer") if with_optimizer else None
     scheduler = instantiate(scheduler, "scheduler") if scheduler else None
@@ -308,8 +318,8 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     A `VitlabError` (the user's mistake) becomes a short message and exit status 2;
     HYDRA_FULL_ERROR=1 shows the traceback instead. Inside a multirun a failed job
     (any exception, a NaN loss included) is logged and returns NaN so that the
-    other jobs still run; `vitlab.sweep.SweepSummary` then fails the sweep. A run
-    stopped by SIGTERM or Ctrl+C (`vitlab.signals.GracefulStop`) has saved `last.ckpt`
+    other jobs still run; `vitlab.runs.multirun.SweepSummary` then fails the sweep. A run
+    stopped by SIGTERM or Ctrl+C (`vitlab.training.signals.GracefulStop`) has saved `last.ckpt`
     and exits 128 + the signal's number (143, 130), as a process that a signal ended.
     """
     output_dir = cfg.paths.output_dir

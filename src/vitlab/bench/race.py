@@ -11,7 +11,7 @@ The contenders run in one process, on one device, on the same synthetic data:
   backward, the trainer's gradient clipping, the configured optimizer's step, on
   batches from the same DataLoader. Against the fit, this is Lightning's overhead.
 - `timm ..., bare loop`: timm's model with the same architecture
-  (`vitlab.timm_twins`) in that same loop. Against ours, this is the model code.
+  (`vitlab.bench.timm_models`) in that same loop. Against ours, this is the model code.
 - inference of both models: eval mode, `torch.inference_mode`, one batch already
   on the device.
 
@@ -26,7 +26,7 @@ median of the per-round ratios, which pairs measurements taken moments apart. On
 machine shared with other work, time stolen by others only ever slows a round down,
 so the best round of each contender, and the ratio of the bests, are also reported.
 
-FLOPs per image are counted on the meta device (`vitlab.flops.count_flops`), the
+FLOPs per image are counted on the meta device (`vitlab.training.flops.count_flops`), the
 peak FLOP/s measured with a large matmul in the run's dtype; MFU = img/s x FLOPs per
 image / peak. Peak memory is one step's highest allocation above what was allocated
 when the step began: `torch.cuda.max_memory_allocated` on a GPU, and on a CPU the
@@ -60,12 +60,12 @@ from torch.optim import Optimizer
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-from vitlab.checks import check_run
+from vitlab.runs.validate import check_run
 from vitlab.errors import ConfigError
-from vitlab.flops import count_flops, measure_peak_flops, precision_dtype
-from vitlab.optim import param_groups
-from vitlab.pipeline import build_classifier, build_trainer, instantiate, prepare_run
-from vitlab.timm_twins import timm_twin
+from vitlab.training.flops import count_flops, measure_peak_flops, precision_dtype
+from vitlab.training.optim import build_optimizer
+from vitlab.runs.tasks import compile_options, build_classifier, build_trainer, instantiate, prepare_run
+from vitlab.bench.timm_models import timm_twin
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class BenchSettings:
         steps: timed steps per contender and round (a fit runs one more, untimed).
         timm: race timm's model with the same architecture too.
         peak_matmul_size: side of the square matmul that measures the peak FLOP/s;
-            None for `vitlab.flops.PEAK_MATMUL_SIZE` of the device.
+            None for `vitlab.training.flops.PEAK_MATMUL_SIZE` of the device.
     """
 
     warmup_rounds: int = 1
@@ -323,9 +323,7 @@ def _param_count(model: nn.Module) -> int:
 
 def _optimizer(cfg: DictConfig, model: nn.Module) -> Optimizer:
     """The configured optimizer over `model`, with the parameter groups `ImageClassifier` uses."""
-    factory = instantiate(cfg.optimizer, "optimizer")
-    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
-    return factory(param_groups(model, weight_decay))
+    return build_optimizer(instantiate(cfg.optimizer, "optimizer"), model)
 
 
 def _model_name(cfg: DictConfig) -> str:
@@ -428,8 +426,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     models = {"vitlab": (backbone, "vitlab")}
     if twin is not None:
         twin.to(device)
-        if cfg.get("compile"):
-            options = {} if cfg.compile is True else OmegaConf.to_container(cfg.compile)
+        options = compile_options(cfg.get("compile"))
+        if options is not None:
             twin.compile(**options)
         if _param_count(twin) != _param_count(backbone):
             raise RuntimeError(

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 STATUS_FILE = "status.json"
 # Set to the job's folder while a multirun job runs, and so inherited by the DDP ranks that
-# Lightning starts for it (`vitlab.distributed.MultirunRanks`); those run in Hydra's RUN mode.
+# Lightning starts for it (`vitlab.training.distributed.MultirunRanks`); those run in Hydra's RUN mode.
 MULTIRUN_JOB_ENV = "VITLAB_MULTIRUN_JOB"
 
 
@@ -53,7 +53,7 @@ def is_global_zero() -> bool:
 
     Reads the rank Lightning keeps on `rank_zero_only` (from RANK / LOCAL_RANK /
     SLURM_PROCID when lightning is imported, then from the strategy), without
-    importing lightning here: `vitlab.reports` uses this module.
+    importing lightning here: `vitlab.reports.runs` uses this module.
     """
     return getattr(rank_zero_only, "rank", 0) == 0
 

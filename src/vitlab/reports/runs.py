@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from vitlab.errors import VitlabError
-from vitlab.sweep import STATUS_FILE
+from vitlab.runs.multirun import STATUS_FILE
 
 if TYPE_CHECKING:
     from wandb.proto.wandb_internal_pb2 import Record

@@ -40,6 +40,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def build_optimizer(factory: Callable[[list[dict]], Optimizer], model: nn.Module) -> Optimizer:
+    """`factory(param_groups(model, weight_decay))`, the weight decay read from the factory.
+
+    `factory` is what Hydra makes of an `optimizer` node (`_partial_: true`): a
+    `functools.partial` whose `weight_decay` keyword, if any, goes to the decayed group.
+    """
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    return factory(param_groups(model, weight_decay))
+
+
 def _named_modules_with_no_decay(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if hasattr(module, "no_weight_decay"):

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vitlab.errors import ConfigError, exit_with
-from vitlab.sweep import is_global_zero
+from vitlab.runs.multirun import is_global_zero
 
 WANDB_ID_FILE = "wandb_id"
 

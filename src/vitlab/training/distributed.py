@@ -30,7 +30,7 @@ from torch import nn
 
 from vitlab.models.layers import Block
 from vitlab.models.mixer import MixerBlock
-from vitlab.sweep import MULTIRUN_JOB_ENV
+from vitlab.runs.multirun import MULTIRUN_JOB_ENV
 
 # Each one becomes an FSDP unit; what is left (embeddings, norms, head) stays in the root unit.
 FSDP_BLOCKS: frozenset[type[nn.Module]] = frozenset({Block, MixerBlock})
@@ -81,7 +81,7 @@ class MultirunRanks(Callback):
     At the job's start, `sys.argv` becomes `<script> <rank_argv>` and `hydra.run.dir`
     the job's output folder; Lightning builds the other ranks' command line from both.
     `VITLAB_MULTIRUN_JOB` tells those ranks that they belong to a multirun job
-    (`vitlab.sweep.is_multirun`), so that a failure ends the job, not the sweep.
+    (`vitlab.runs.multirun.is_multirun`), so that a failure ends the job, not the sweep.
     At the job's end it restores `sys.argv`, tears down the process group and removes
     the variables the launcher set (`LOCAL_RANK`, `MASTER_PORT`, ...): with them left
     in place, the next job's Trainer would take the processes as started externally

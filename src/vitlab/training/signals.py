@@ -33,7 +33,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vitlab.errors import VitlabError
-from vitlab.sweep import job_overrides
+from vitlab.runs.multirun import job_overrides
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,13 @@ CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
 CPU_ATTENTION_BACKENDS = (None, "auto", "math", "flash")
 
 
+def runs_on_cpu(trainer: Mapping[str, Any], gpu_available: bool | None = None) -> bool:
+    """Whether a trainer config runs on the CPU: `accelerator: cpu`, or `auto` with no CUDA GPU."""
+    gpu_available = torch.cuda.is_available() if gpu_available is None else gpu_available
+    accelerator = str(trainer.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not gpu_available)
+
+
 def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None) -> None:
     """Refuse a GPU trainer without a GPU, and a precision the accelerator cannot run.
 
@@ -37,7 +44,7 @@ def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None)
             f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; "
             "use trainer=cpu (or trainer.accelerator=cpu), or trainer=default to pick the GPU when there is one"
         )
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu_available)
+    on_cpu = runs_on_cpu(trainer, gpu_available)
     if on_cpu and precision not in CPU_PRECISIONS:
         raise ConfigError(
             f"trainer.precision={precision} needs a CUDA GPU (float16 autocast with loss scaling), "
@@ -82,9 +89,7 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     )
     trainer = cfg.get("trainer") or {}
     backend = (cfg.get("model") or {}).get("attention_backend")
-    on_cpu = trainer.get("accelerator") == "cpu" or (
-        trainer.get("accelerator", "auto") == "auto" and not torch.cuda.is_available()
-    )
+    on_cpu = runs_on_cpu(trainer)
     _require(
         not on_cpu or backend in CPU_ATTENTION_BACKENDS,
         "model.attention_backend",

@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ PACKAGES = (
     "vitlab", "torch", "torchvision", "lightning", "torchmetrics",
     "hydra-core", "omegaconf", "einops", "numpy", "wandb",
 )  # fmt: skip
-CODE_DIR = Path(__file__).resolve().parent
+CODE_DIR = Path(__file__).resolve().parents[1]
 
 
 def _git(*args: str) -> str | None:
@@ -34,11 +35,15 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    """The installed version of each package, None for one that is not installed."""
+    versions: dict[str, str | None] = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def provenance() -> dict[str, Any]:
@@ -51,7 +56,7 @@ def provenance() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "command": sys.argv,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": package_versions(),
     }
 
 
