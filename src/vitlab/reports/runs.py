@@ -38,6 +38,7 @@ from rich.table import Table
 
 from vitlab.errors import VitlabError
 from vitlab.runs.multirun import STATUS_FILE
+from vitlab.runs.validate import is_number
 
 if TYPE_CHECKING:
     from wandb.proto.wandb_internal_pb2 import Record
@@ -359,7 +360,7 @@ def _fill_from_wandb(run: Run, wandb_run: WandbRun) -> None:
     summary = {
         key: float(value)
         for key, value in wandb_run.summary.items()
-        if not key.startswith("_") and _is_number(value)
+        if not key.startswith("_") and is_number(value)
     }
     run.metrics = _as_final(summary) if summary else _last_values(run.history)
     if run.status == "unknown" and wandb_run.exit_code is not None:
@@ -369,15 +370,11 @@ def _fill_from_wandb(run: Run, wandb_run: WandbRun) -> None:
 def _history_row(row: dict[str, Any]) -> dict[str, float]:
     """A W&B history row in the CSV logger's terms: numbers only, `step` the global step."""
     step = row.get("trainer/global_step", row.get("_step"))
-    out = {k: float(v) for k, v in row.items() if not k.startswith("_") and _is_number(v)}
+    out = {k: float(v) for k, v in row.items() if not k.startswith("_") and is_number(v)}
     out.pop("trainer/global_step", None)
-    if _is_number(step):
+    if is_number(step):
         out["step"] = float(step)
     return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- comparing

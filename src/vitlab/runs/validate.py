@@ -67,7 +67,8 @@ def _require(condition: bool, key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; {valid}")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -79,10 +80,10 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     """
     optimizer = cfg.get("optimizer") or {}
     lr = optimizer.get("lr", 1.0)
-    _require(_is_number(lr) and lr > 0, "optimizer.lr", lr, "use a positive number, e.g. 1e-3")
+    _require(is_number(lr) and lr > 0, "optimizer.lr", lr, "use a positive number, e.g. 1e-3")
     weight_decay = optimizer.get("weight_decay", 0.0)
     _require(
-        _is_number(weight_decay) and weight_decay >= 0,
+        is_number(weight_decay) and weight_decay >= 0,
         "optimizer.weight_decay",
         weight_decay,
         "use a number >= 0",
@@ -99,7 +100,7 @@ def check_run(cfg: Mapping[str, Any]) -> None:
     for key in ("max_steps", "max_epochs"):
         value = trainer.get(key, -1)
         _require(
-            value is None or value == -1 or (_is_number(value) and value > 0),
+            value is None or value == -1 or (is_number(value) and value > 0),
             f"trainer.{key}",
             value,
             "use a positive number, or -1 for no limit",
