@@ -58,6 +58,74 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
         torch.testing.assert_close(state_a[name], state_b[name], rtol=0, atol=0, msg=name)
 
 
+VIT_BLOCK_KEYS = [
+    "norm1.weight", "norm1.bias",
+    "attn.qkv.weight", "attn.qkv.bias", "attn.out.weight", "attn.out.bias",
+    "norm2.weight", "norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+]  # fmt: skip
+MIXER_BLOCK_KEYS = [
+    "norm1.weight", "norm1.bias",
+    "token_mixing.fc1.weight", "token_mixing.fc1.bias",
+    "token_mixing.fc2.weight", "token_mixing.fc2.bias",
+    "norm2.weight", "norm2.bias",
+    "channel_mixing.fc1.weight", "channel_mixing.fc1.bias",
+    "channel_mixing.fc2.weight", "channel_mixing.fc2.bias",
+]  # fmt: skip
+RESNET_UNIT_KEYS = [
+    "conv_proj.weight", "gn_proj.weight", "gn_proj.bias",
+    "conv1.weight", "gn1.weight", "gn1.bias",
+    "conv2.weight", "gn2.weight", "gn2.bias",
+    "conv3.weight", "gn3.weight", "gn3.bias",
+]  # fmt: skip
+
+
+def two_blocks(keys: list[str], prefix: str = "blocks") -> list[str]:
+    return [f"{prefix}.{i}.{key}" for i in range(2) for key in keys]
+
+
+STATE_DICT_KEYS = {
+    "vit": [
+        "cls_token",
+        "patch_embed.proj.weight", "patch_embed.proj.bias",
+        "pos_embed.pos_embedding",
+        *two_blocks(VIT_BLOCK_KEYS),
+        "norm.weight", "norm.bias",
+        "pre_logits.0.weight", "pre_logits.0.bias",
+        "head.weight", "head.bias",
+    ],
+    "mixer": [
+        "stem.proj.weight", "stem.proj.bias",
+        *two_blocks(MIXER_BLOCK_KEYS),
+        "pre_head_layer_norm.weight", "pre_head_layer_norm.bias",
+        "head.weight", "head.bias",
+    ],
+    "hybrid": [
+        "cls_token",
+        "stem.conv_root.weight", "stem.gn_root.weight", "stem.gn_root.bias",
+        *[f"stem.stages.{s}.units.0.{key}" for s in range(2) for key in RESNET_UNIT_KEYS],
+        "patch_embed.proj.weight", "patch_embed.proj.bias",
+        "pos_embed.pos_embedding",
+        *two_blocks(VIT_BLOCK_KEYS),
+        "norm.weight", "norm.bias",
+        "head.weight", "head.bias",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("vit", lambda: tiny_vit(representation_size=24)),
+        ("mixer", tiny_mixer),
+        ("hybrid", tiny_hybrid),
+    ],
+)
+def test_state_dict_keys_are_the_ones_saved_checkpoints_hold(name, make) -> None:
+    """Every checkpoint written so far, and the official layout table, name these keys."""
+    assert list(make().state_dict()) == STATE_DICT_KEYS[name]
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -1,16 +1,17 @@
-"""The speed-ups inside the models compute what the plain formulation computes.
+"""The speed paths of `vitlab.models.fast` compute what the plain formulation computes.
 
 Each fast path (`make bench` measures what it buys) is checked against the
 straightforward computation it replaces, forward and backward:
 
 - a class-token ViT runs its last block for the class token only
-  (`Block.forward(first_token_only=True)`), against `forward_head(forward_features(x))`;
+  (`fast.class_token_block`), against `forward_head(forward_features(x))`;
 - Mixer's token mixing multiplies from the left with the residual folded in
-  (`MixerBlock._mix_tokens`), against the transposed `token_mixing(yᵀ)ᵀ`;
-- a StdConv2d pads symmetric SAME padding inside the conv, against `pad_same`;
-- without autograd, the MLPs' GELU overwrites its input (`Mlp.activate`), or runs
-  inside the first layer's matmul on a CPU (`fused_linear_gelu`), against the same
-  model with autograd on.
+  (`fast.token_mixing`), against the paper's transposed `MixerBlock.mix_tokens`;
+- a StdConv2d pads symmetric SAME padding inside the conv (`fast.conv2d_padded`),
+  against `pad_same`; the ResNet's ReLUs work in place (`fast.relu_in_place`);
+- without autograd, the MLPs' GELU overwrites its input (`fast.gelu_in_place`), or
+  runs inside the first layer's matmul on a CPU (`fast.fused_linear_gelu`), against
+  the same model with autograd on.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch import nn
 
 from tests.conftest import tiny_vit
 from tests.test_scale_knobs import images, randomized, tiny_hybrid, tiny_mixer
-from vitlab.models import ResNetV2, layers, mixer
-from vitlab.models.layers import Mlp, fused_linear_gelu
+from vitlab.models import ResNetV2, fast
+from vitlab.models.fast import fused_linear_gelu
+from vitlab.models.layers import Mlp
 from vitlab.models.resnet import WEIGHT_STANDARDIZATION_EPS, StdConv2d, pad_same
 
 
@@ -97,11 +99,25 @@ def test_mixer_token_mixing_matches_the_transposed_mlp() -> None:
         y = rearrange(block.norm1(x), "b n c -> b c n")
         return x + rearrange(block.token_mixing(y), "b c n -> b n c")
 
-    fast, fast_grads = outputs_and_grads(block, lambda x: block._mix_tokens(block.norm1(x), x), x)
+    def folded(x: torch.Tensor) -> torch.Tensor:
+        return fast.token_mixing(block.token_mixing, block.norm1(x), x)
+
+    fast_out, fast_grads = outputs_and_grads(block, folded, x)
     plain, plain_grads = outputs_and_grads(block, transposed, x)
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_out, plain, rtol=1e-5, atol=1e-5)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mixer_block_is_the_papers_token_then_channel_mixing() -> None:
+    """The block, fast path included, is x + mix_tokens(LN(x)), then x + ChannelMLP(LN(x))."""
+    model = randomized(tiny_mixer()).train()
+    block = model.blocks[0]
+    torch.manual_seed(3)
+    x = torch.randn(3, model.grid[0] * model.grid[1], model.hidden_dim)
+    y = x + block.mix_tokens(block.norm1(x))
+    expected = y + block.channel_mixing(block.norm2(y))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -145,15 +161,15 @@ def test_gelu_overwrites_its_input_only_where_autograd_keeps_nothing(approximate
     expected = F.gelu(h, approximate=approximate)
     with torch.no_grad():
         given = h.clone()
-        out = mlp.activate(given)
+        out = fast.gelu_in_place(given, mlp.act)
     assert out.data_ptr() == given.data_ptr(), "no second buffer without autograd"
     assert torch.equal(out, expected), "the same kernel: the same bits"
     with torch.inference_mode():
         given = h.clone()
-        assert mlp.activate(given).data_ptr() == given.data_ptr()
+        assert fast.gelu_in_place(given, mlp.act).data_ptr() == given.data_ptr()
     # With autograd, backward needs the GELU's input: it must be left as it was.
     given = h.clone().requires_grad_()
-    out = mlp.activate(given)
+    out = fast.gelu_in_place(given, mlp.act)
     assert out.data_ptr() != given.data_ptr()
     assert torch.equal(given.detach(), h)
     out.sum().backward()
@@ -196,15 +212,14 @@ def test_inference_without_autograd_gives_the_logits_of_a_graphed_forward(
     graphed = model(x)
     assert graphed.requires_grad
     calls = []
-    real = layers.fused_linear_gelu
+    real = fast.fused_linear_gelu
 
     def counted(*args):
         out = real(*args)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(layers, "fused_linear_gelu", counted)
-    monkeypatch.setattr(mixer, "fused_linear_gelu", counted)
+    monkeypatch.setattr(fast, "fused_linear_gelu", counted)
     for no_graph in (torch.inference_mode, torch.no_grad):
         with no_graph():
             torch.testing.assert_close(model(x), graphed.detach(), rtol=1e-5, atol=1e-6)

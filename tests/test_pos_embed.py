@@ -25,7 +25,7 @@ from vitlab.models.pos_embed import (
     SinCos2dPositionEmbedding,
 )
 from vitlab.training.optim import param_groups
-from vitlab.runs.tasks import build_backbone
+from vitlab.runs.build import build_backbone
 
 KINDS = get_args(PosEmbed)
 POSITIONAL = [kind for kind in KINDS if kind != "none"]

@@ -3,10 +3,12 @@
 Each module mirrors one Flax module of google-research/vision_transformer
 (`vit_jax/models_vit.py`) and keeps its numerics: LayerNorm eps 1e-6, tanh GELU,
 attention scaled by 1/sqrt(head_dim). Query, key and value live in one fused
-`qkv` projection because one matmul is faster than three; `checkpoints.py`
+`qkv` projection because one matmul is faster than three; `checkpoints/layout.py`
 splits and joins them when reading or writing the official layout. A rotary
 position encoding reaches the attention as an optional `rotate` argument (see
 `pos_embed.py`), so the blocks know nothing of which encoding a model uses.
+The speed paths these blocks call (`fast.py`) sit beside the plain formulation
+they compute.
 
 Two scale knobs live here because every model shares them: `attention_backend`
 pins the SDPA kernel (`sdpa_kernel`), and `checkpointed` runs a block under
@@ -27,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import ConfigError
+from vitlab.models import fast
 
 LAYER_NORM_EPS = 1e-6
 GeluApproximate = Literal["tanh", "none"]
@@ -56,8 +59,8 @@ def sdpa_backend(name: str) -> SDPBackend | None:
     return SDPA_BACKENDS[name]
 
 
-def checkpointed(block: nn.Module, *args: Any, enabled: bool) -> torch.Tensor:
-    """`block(*args)`, under activation checkpointing when `enabled` and it matters.
+def checkpointed(block: nn.Module, *args: Any, enabled: bool, **kwargs: Any) -> torch.Tensor:
+    """`block(*args, **kwargs)`, under activation checkpointing when `enabled` and it matters.
 
     Checkpointing keeps only the block's input for backward and recomputes the rest
     then: about one block's activations in memory instead of every block's, for one
@@ -67,8 +70,8 @@ def checkpointed(block: nn.Module, *args: Any, enabled: bool) -> torch.Tensor:
     same dropout masks (the RNG state is restored for the recomputation).
     """
     if enabled and block.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
 
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -78,6 +81,40 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
     return nn.init.trunc_normal_(
         weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978, a=-2, b=2
     )
+
+
+def patch_grid(image_size: int, patch_size: int, stem: nn.Module | None = None) -> tuple[int, int]:
+    """The (h, w) grid of patches over a square image, or over a stem's feature map of it.
+
+    Raises ValueError naming `patch_size`, what it must divide and the patch sizes
+    that would, when the patches (or the stem's `stride`) do not tile the image.
+    """
+    stride = getattr(stem, "stride", 1)
+    feature_size = image_size // stride
+    if image_size % stride or feature_size % patch_size:
+        valid = [p for p in range(1, feature_size + 1) if feature_size % p == 0]
+        where = (
+            f"the stem's {feature_size}x{feature_size} feature map"
+            if stem
+            else f"image_size={image_size}"
+        )
+        raise ValueError(
+            f"patch_size={patch_size} does not divide {where}; valid patch sizes: {valid}"
+        )
+    return (feature_size // patch_size, feature_size // patch_size)
+
+
+def classification_head(in_features: int, num_classes: int) -> nn.Module:
+    """The original's zero-initialised `head` Dense, or Identity for `num_classes` 0 (features).
+
+    A zero head makes every class equally likely at the start of fine-tuning.
+    """
+    if not num_classes:
+        return nn.Identity()
+    head = nn.Linear(in_features, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 class PatchEmbed(nn.Module):
@@ -149,23 +186,16 @@ class Attention(nn.Module):
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.out.bias)
 
-    def _qkv(
-        self, x: torch.Tensor, rotate: Rotate | None, first_token_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens (b, n, d) -> q, k, v (b, heads, n, head_dim), q and k rotated if `rotate`.
+    def forward(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
+        """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE)."""
+        q, k, v = self.queries_keys_values(x, rotate)
+        x = self.attend(q, k, v)
+        return self.out(rearrange(x, "b h n d -> b n (h d)"))
 
-        `first_token_only`: q for token 0 alone (b, heads, 1, head_dim), projected from
-        that token only; k and v still from every token. The first token is a prefix
-        token, which every position encoding leaves unrotated (`pos_embed.py`), so
-        only k is rotated then.
-        """
-        if first_token_only:
-            width = x.shape[-1]
-            q = F.linear(x[:, :1], self.qkv.weight[:width], self.qkv.bias[:width])
-            kv = F.linear(x, self.qkv.weight[width:], self.qkv.bias[width:])
-            q = rearrange(q, "b one (h d) -> b h one d", h=self.num_heads)
-            k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
-            return q, k if rotate is None else rotate(k), v
+    def queries_keys_values(
+        self, x: torch.Tensor, rotate: Rotate | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (b, n, d) -> q, k, v (b, heads, n, head_dim), q and k rotated if `rotate`."""
         q, k, v = rearrange(
             self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         )
@@ -173,24 +203,12 @@ class Attention(nn.Module):
             q, k = rotate(q), rotate(k)
         return q, k, v
 
-    def forward(
-        self, x: torch.Tensor, rotate: Rotate | None = None, first_token_only: bool = False
-    ) -> torch.Tensor:
-        """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE).
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(head_dim)) v on (b, heads, n, head_dim), with attention dropout.
 
-        `first_token_only`: the output for token 0 (the class token) alone, (b, 1, d).
-        Keys and values still come from every token, the query from the first one
-        (`_qkv`): about a third of the projection work and 1/n of the attention's.
+        Through SDPA, and through the pinned kernel if there is one.
         """
-        q, k, v = self._qkv(x, rotate, first_token_only)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
-        x = self._sdpa(q, k, v, dropout_p)
-        return self.out(rearrange(x, "b h n d -> b n (h d)"))
-
-    def _sdpa(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
-    ) -> torch.Tensor:
-        """SDPA on (b, heads, n, head_dim), through the pinned kernel if there is one."""
         if self.sdpa_backend is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         try:
@@ -199,14 +217,18 @@ class Attention(nn.Module):
         except RuntimeError as err:
             if "No viable backend" not in str(err):
                 raise
-            raise ConfigError(
-                f"model.attention_backend={self.attention_backend!r} has no kernel for this "
-                f"attention ({q.device.type}, {q.dtype}, head_dim {q.shape[-1]}). "
-                "On the CPU only 'math' and 'flash' exist; on CUDA 'flash' and 'cudnn' need "
-                "float16/bfloat16 (e.g. trainer.precision=bf16-mixed), and torch's warnings "
-                "above say which other condition failed. 'auto' picks a kernel that can run; "
-                "'math' runs everywhere"
-            ) from err
+            raise self._no_kernel_error(q) from err
+
+    def _no_kernel_error(self, q: torch.Tensor) -> ConfigError:
+        """The pinned kernel cannot run attention on `q`'s device, dtype and head size."""
+        return ConfigError(
+            f"model.attention_backend={self.attention_backend!r} has no kernel for this "
+            f"attention ({q.device.type}, {q.dtype}, head_dim {q.shape[-1]}). "
+            "On the CPU only 'math' and 'flash' exist; on CUDA 'flash' and 'cudnn' need "
+            "float16/bfloat16 (e.g. trainer.precision=bf16-mixed), and torch's warnings "
+            "above say which other condition failed. 'auto' picks a kernel that can run; "
+            "'math' runs everywhere"
+        )
 
     def attention_weights(self, x: torch.Tensor, rotate: Rotate | None = None) -> torch.Tensor:
         """Tokens (b, n, d) -> the weights softmax(q kᵀ / sqrt(head_dim)), (b, heads, n, n).
@@ -214,7 +236,7 @@ class Attention(nn.Module):
         The weights `forward` applies, written out (without dropout) for inspection;
         slower than SDPA and O(n²) in memory, so not used in `forward`.
         """
-        q, k, _ = self._qkv(x, rotate)
+        q, k, _ = self.queries_keys_values(x, rotate)
         scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / math.sqrt(q.shape[-1])
         return scores.softmax(dim=-1)
 
@@ -246,74 +268,11 @@ class Mlp(nn.Module):
             nn.init.normal_(fc.bias, std=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.hidden(x))))
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU(fc1(x)), the MLP's inner activations, by the fastest way that applies.
-
-        Without autograd on a CPU this is one oneDNN kernel (`fused_linear_gelu`);
-        otherwise fc1, then `activate`.
-        """
-        fused = fused_linear_gelu(x, self.fc1, self.act.approximate)
-        return self.activate(self.fc1(x)) if fused is None else fused
-
-    def activate(self, h: torch.Tensor) -> torch.Tensor:
-        """GELU of `fc1`'s fresh output `h`; overwrites `h` when autograd will not need it.
-
-        Where no graph is recorded (`torch.no_grad`, `torch.inference_mode`, or `h`
-        needing no grad) nothing keeps `h`, so the same GELU kernel writes its result
-        over it: no second (tokens, mlp_dim) buffer, the biggest one in the block
-        (38 MB per block for ViT-S/16 at batch 32), to allocate and fault in. The
-        numbers are the same to the bit. While training, backward needs `h`, so the
-        GELU writes a new tensor, as `self.act` does.
-        """
-        if _records_graph(h):
-            return self.act(h)
-        return torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-
-
-def _records_graph(*inputs: torch.Tensor | None) -> bool:
-    """Whether autograd records an op on `inputs`, i.e. keeps what its backward needs."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-
-
-_HAS_ONEDNN_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_linear_pointwise"
-)
-
-
-def fused_linear_gelu(
-    x: torch.Tensor, linear: nn.Linear, approximate: GeluApproximate
-) -> torch.Tensor | None:
-    """GELU(linear(x)) as one oneDNN matmul with GELU applied on its output, or None.
-
-    PyTorch's own tanh-GELU kernel on a CPU costs about four times its erf GELU
-    (about 8 vs 2 ms for ViT-S/16's (6304, 1536) activations on a 2-core Xeon),
-    and the tanh form is the original's, which the published checkpoints need.
-    oneDNN applies either form to the matmul's output while it is still in cache,
-    nearly for free: the kernel `torch.compile` (Inductor) fuses a CPU Linear and
-    GELU into, `torch.ops.mkldnn._linear_pointwise`. The same function to float
-    rounding (about 1e-6; another matmul kernel than `F.linear`'s).
-
-    None where it does not apply, and the caller takes the plain path: when
-    autograd would record the matmul (the op has no backward), off the CPU, for
-    other dtypes than float32, under autocast (it is not autocast-aware), while
-    `torch.compile` traces (Inductor fuses by itself), or in a PyTorch built
-    without oneDNN or without the op. `x` may be a strided view: (..., in) ->
-    (..., out), contiguous.
-    """
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or _records_graph(x, linear.weight, linear.bias)
-        or torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
-        or not _HAS_ONEDNN_LINEAR_POINTWISE
-    ):
-        return None
-    return torch.ops.mkldnn._linear_pointwise(
-        x, linear.weight, linear.bias, "gelu", [], approximate
-    )
+        """Tokens (..., hidden_size) -> the same shape."""
+        x = fast.linear_gelu(x, self.fc1, self.act)  # = self.act(self.fc1(x)), faster
+        x = self.drop(x)
+        x = self.fc2(x)
+        return self.drop(x)
 
 
 class Block(nn.Module):
@@ -349,18 +308,17 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(
-        self, x: torch.Tensor, rotate: Rotate | None = None, first_token_only: bool = False
+        self, x: torch.Tensor, rotate: Rotate | None = None, class_token_only: bool = False
     ) -> torch.Tensor:
         """Tokens (b, n, d) -> (b, n, d); `rotate` is passed to the attention (see `Attention`).
 
-        `first_token_only`: `forward(x)[:, :1]`, (b, 1, d), computing only what that
-        needs. The class-token classifier reads nothing else of the last block, whose
-        attention queries, output projection and MLP for the other n - 1 tokens would
-        be thrown away: skipping them saves most of one block's work, forward and
-        backward (about 7% of ViT-S/16), and changes no logit beyond float rounding.
+        `class_token_only`: `forward(x, rotate)[:, :1]`, (b, 1, d), by the speed path
+        `fast.class_token_block`, for the last block of a class-token ViT (it is a
+        flag here so that activation checkpointing still wraps this block).
         """
-        attended = self.attn(self.norm1(x), rotate, first_token_only)
-        x = (x[:, :1] if first_token_only else x) + self.drop_path(self.drop(attended))
+        if class_token_only:
+            return fast.class_token_block(self, x, rotate)
+        x = x + self.drop_path(self.drop(self.attn(self.norm1(x), rotate)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

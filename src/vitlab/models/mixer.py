@@ -6,6 +6,10 @@ MixerBlocks (token mixing across patches, then channel mixing per patch) ->
 encoding: token mixing sees the patches in a fixed order. Input is NCHW float in
 [-1, 1].
 
+`MixerBlock.mix_tokens` is the paper's token mixing (transpose, MLP, transpose
+back); `forward` takes the speed path `fast.token_mixing`, which computes the same
+without the transposed copies.
+
 Two of ViT's scale knobs apply: `grad_checkpointing` and `channels_last` (for the
 patch-embedding conv). There is no attention, so no `attention_backend`.
 """
@@ -13,18 +17,20 @@ patch-embedding conv). There is no attention, so no `attention_backend`.
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from vitlab.errors import ConfigError
+from vitlab.models import fast
 from vitlab.models.layers import (
     LAYER_NORM_EPS,
     GeluApproximate,
     Mlp,
     PatchEmbed,
     checkpointed,
-    fused_linear_gelu,
+    classification_head,
     lecun_normal_,
+    patch_grid,
 )
 
 
@@ -63,32 +69,19 @@ class MixerBlock(nn.Module):
         self.channel_mixing = _mixer_mlp(hidden_dim, channels_mlp_dim, gelu_approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (b, n, c) -> the same shape."""
-        x = self._mix_tokens(self.norm1(x), x)
+        """Tokens (b, n, c) -> the same shape: mix across patches, then within each patch."""
+        x = fast.token_mixing(self.token_mixing, self.norm1(x), x)  # = x + self.mix_tokens(LN(x))
         return x + self.channel_mixing(self.norm2(x))
 
-    def _mix_tokens(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x + TokenMLP(yᵀ)ᵀ for y, x (b, n, c), computed as W₂ GELU(W₁ y + b₁) + b₂ + x.
+    def mix_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """The paper's token mixing, TokenMLP(yᵀ)ᵀ, for y (b, n, c): one MLP across the patches.
 
-        The same weights and arithmetic as `token_mixing(yᵀ)ᵀ` (its Dense layers
-        apply to the token axis), but with the weights multiplied from the left,
-        so no (b, c, n) transposed copy is made on the way in or out and the
-        residual is added by the second matmul itself (`baddbmm`). Without
-        autograd on a CPU, the first layer and its GELU are one oneDNN kernel
-        (`fused_linear_gelu`) reading yᵀ as a strided view; its (b, c, t) output
-        enters the second matmul transposed, again as a view.
+        What `fast.token_mixing` computes (plus the residual), written as the paper
+        does; `tests/test_fast_paths.py` holds the two equal.
         """
-        mlp, (b, _, c) = self.token_mixing, y.shape
-        hidden = fused_linear_gelu(rearrange(y, "b n c -> b c n"), mlp.fc1, mlp.act.approximate)
-        if hidden is None:
-            w1 = repeat(mlp.fc1.weight, "t n -> b t n", b=b)  # broadcast views, no copies
-            h = torch.baddbmm(repeat(mlp.fc1.bias, "t -> b t c", b=b, c=c), w1, y)
-            hidden = mlp.activate(h)
-        else:
-            hidden = rearrange(hidden, "b c t -> b t c")
-        w2 = repeat(mlp.fc2.weight, "n t -> b n t", b=b)
-        x = torch.baddbmm(x, w2, hidden)
-        return x + rearrange(mlp.fc2.bias, "n -> n 1")
+        y = rearrange(y, "b n c -> b c n")
+        y = self.token_mixing(y)
+        return rearrange(y, "b c n -> b n c")
 
 
 class MlpMixer(nn.Module):
@@ -131,31 +124,14 @@ class MlpMixer(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if attention_backend is not None:
-            raise ConfigError(
-                f"MlpMixer has no attention layers, so there is no attention kernel to pick; got "
-                f"model.attention_backend={attention_backend!r}. Remove model.attention_backend "
-                "(it is only for ViT and hybrids)"
-            )
-        if pos_embed is not None:
-            raise ValueError(
-                f"MlpMixer has no position encoding: its token-mixing MLPs give each patch "
-                f"index its own weights, so they already know where every patch is; got "
-                f"pos_embed={pos_embed!r}. Remove model.pos_embed (it is only for ViT and hybrids)"
-            )
-        if image_size % patch_size:
-            valid = [p for p in range(1, image_size + 1) if image_size % p == 0]
-            raise ValueError(
-                f"patch_size={patch_size} does not divide image_size={image_size}; "
-                f"valid patch sizes: {valid}"
-            )
+        _refuse_vit_only_options(pos_embed, attention_backend)
+        self.grid = patch_grid(image_size, patch_size)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.hidden_dim = hidden_dim
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = channels_last
-        self.grid = (image_size // patch_size, image_size // patch_size)
         num_tokens = self.grid[0] * self.grid[1]
 
         self.stem = PatchEmbed(patch_size, num_channels, hidden_dim)
@@ -164,12 +140,13 @@ class MlpMixer(nn.Module):
             for _ in range(num_blocks)
         )
         self.pre_head_layer_norm = nn.LayerNorm(hidden_dim, eps=LAYER_NORM_EPS)
-        self.head = nn.Linear(hidden_dim, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = classification_head(hidden_dim, num_classes)
         if channels_last:
             self.stem.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (b, c, H, W) in [-1, 1] -> logits (b, num_classes)."""
+        return self.forward_head(self.forward_features(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (b, c, H, W) -> mixed tokens (b, h*w, hidden_dim), after `pre_head_layer_norm`."""
@@ -194,5 +171,18 @@ class MlpMixer(nn.Module):
         """Mixed tokens -> logits: mean over tokens, then the head."""
         return self.head(x.mean(dim=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+
+def _refuse_vit_only_options(pos_embed: None, attention_backend: None) -> None:
+    """Mixer has neither a position encoding nor attention: say so when one is set."""
+    if attention_backend is not None:
+        raise ConfigError(
+            f"MlpMixer has no attention layers, so there is no attention kernel to pick; got "
+            f"model.attention_backend={attention_backend!r}. Remove model.attention_backend "
+            "(it is only for ViT and hybrids)"
+        )
+    if pos_embed is not None:
+        raise ValueError(
+            f"MlpMixer has no position encoding: its token-mixing MLPs give each patch "
+            f"index its own weights, so they already know where every patch is; got "
+            f"pos_embed={pos_embed!r}. Remove model.pos_embed (it is only for ViT and hybrids)"
+        )

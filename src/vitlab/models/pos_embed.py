@@ -146,7 +146,7 @@ def _grid_coordinates(
         torch.arange(grid[1], device=device, dtype=torch.float32),
         indexing="ij",
     )
-    return y.flatten(), x.flatten()
+    return rearrange(y, "h w -> (h w)"), rearrange(x, "h w -> (h w)")
 
 
 class SinCos2dPositionEmbedding(PositionEncoding):
@@ -189,8 +189,8 @@ class SinCos2dPositionEmbedding(PositionEncoding):
         return x + self.table(grid, x.device).to(x.dtype)
 
 
-class PositionEncodingGenerator(PositionEncoding):
-    """CPVT's conditional position encoding (Chu et al., 2023): a PEG after the first block.
+class ConditionalPositionEncoding(PositionEncoding):
+    """CPVT's conditional position encoding (Chu et al., 2023): its PEG after the first block.
 
     The patch tokens are laid out on their (h, w) grid and a depthwise 3x3 conv
     (zero padding, with bias) is added to them, x + conv(x); the class token passes
@@ -299,7 +299,7 @@ def build_position_encoding(
         case "none":
             return NoPositionEncoding(num_prefix_tokens)
         case "conditional":
-            return PositionEncodingGenerator(num_prefix_tokens, hidden_size)
+            return ConditionalPositionEncoding(num_prefix_tokens, hidden_size)
         case "rope2d":
             return AxialRotaryEmbedding(num_prefix_tokens, hidden_size, num_heads)
     raise ValueError(f"pos_embed={kind!r} is not one of {list(get_args(PosEmbed))}")

@@ -9,9 +9,11 @@ is the whole hybrid.
 Flax's "SAME" padding is TensorFlow's: when the total padding is odd, the extra
 row and column go at the bottom and right. PyTorch's symmetric `padding=` cannot
 express that for the strided 7x7 root conv, the 3x3/2 max-pool and the strided
-3x3 convs on even inputs, so those ops pad explicitly with `pad_same` (missing
-this moves the logits by ~0.5); where SAME is symmetric (every stride-1 conv) the
-conv pads itself, which saves a copy of the feature map.
+3x3 convs on even inputs, so those ops pad explicitly (`same_pads`, `pad_same`);
+missing this moves the logits far beyond float rounding. Two speed paths sit in
+`fast.py`: where SAME is symmetric (every stride-1 conv) the conv pads itself
+(`fast.conv2d_padded`), and the ReLUs after GroupNorm and after the residual sum
+overwrite their input (`fast.relu_in_place`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.models import fast
 from vitlab.models.layers import lecun_normal_
 
 GROUP_NORM_GROUPS = 32
@@ -69,12 +72,12 @@ class StdConv2d(nn.Conv2d):
         lecun_normal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map (b, in, h, w) -> (b, out, ceil(h / stride), ceil(w / stride))."""
         std, mean = torch.std_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
         weight = (self.weight - mean) / (std + WEIGHT_STANDARDIZATION_EPS)
-        left, right, top, bottom = same_pads(x, self.kernel_size[0], self.stride[0])
-        if left == right and top == bottom:  # the conv pads symmetrically itself, with no copy
-            return F.conv2d(x, weight, stride=self.stride, padding=(top, left))
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, stride=self.stride)
+        pads = same_pads(x, self.kernel_size[0], self.stride[0])
+        # = F.conv2d(F.pad(x, pads), weight, stride), without the padded copy where it can
+        return fast.conv2d_padded(x, weight, self.stride[0], pads)
 
 
 def group_norm(num_channels: int) -> nn.GroupNorm:
@@ -112,12 +115,12 @@ class ResidualUnit(nn.Module):
         nn.init.zeros_(self.gn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map (b, in, h, w) -> (b, features * 4, h / stride, w / stride)."""
         residual = x if self.conv_proj is None else self.gn_proj(self.conv_proj(x))
-        # In place: GroupNorm and addition keep nothing of their outputs for backward.
-        y = F.relu(self.gn1(self.conv1(x)), inplace=True)
-        y = F.relu(self.gn2(self.conv2(y)), inplace=True)
+        y = fast.relu_in_place(self.gn1(self.conv1(x)))  # = F.relu, over its input
+        y = fast.relu_in_place(self.gn2(self.conv2(y)))
         y = self.gn3(self.conv3(y))
-        return F.relu(residual + y, inplace=True)
+        return fast.relu_in_place(residual + y)
 
 
 class ResNetStage(nn.Module):
@@ -184,7 +187,8 @@ class ResNetV2(nn.Module):
         self.stride = 4 * 2 ** max(len(self.num_layers) - 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.gn_root(self.conv_root(x)), inplace=True)
+        """Images (b, c, H, W) -> the feature map (b, out_channels, H / stride, W / stride)."""
+        x = fast.relu_in_place(self.gn_root(self.conv_root(x)))
         x = F.max_pool2d(pad_same(x, 3, 2, value=-math.inf), kernel_size=3, stride=2)
         for stage in self.stages:
             x = stage(x)

@@ -5,6 +5,11 @@ patch embedding -> class token -> position embedding -> dropout -> encoder block
 -> encoder LayerNorm -> pooling (`token` or `gap`) -> optional tanh pre-logits ->
 zero-initialised head. Input is NCHW float in [-1, 1].
 
+`forward` reads in that order; `embed` and `encoder` are its first steps, and the
+one encoder loop (`encoder`) also serves `forward_features` and `attention_maps`.
+With the class-token classifier the last block runs for the class token alone,
+the one speed path here (`fast.class_token_block`, marked where it is taken).
+
 `pos_embed` picks the position encoding (`pos_embed.py`); the default `learned` is
 the original's. The others act through the same three hooks, so the encoder loop
 has no branch per encoding.
@@ -17,10 +22,11 @@ activations in backward), `attention_backend` (pin the SDPA kernel) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from vitlab.models.layers import (
@@ -29,12 +35,17 @@ from vitlab.models.layers import (
     Block,
     GeluApproximate,
     PatchEmbed,
+    Rotate,
     checkpointed,
+    classification_head,
     lecun_normal_,
+    patch_grid,
 )
 from vitlab.models.pos_embed import PosEmbed, build_position_encoding
 
 Classifier = Literal["token", "gap"]
+# Called with each encoder block and the tokens and rotation entering it.
+BlockInputHook = Callable[[Block, torch.Tensor, Rotate | None], None]
 
 
 class VisionTransformer(nn.Module):
@@ -94,18 +105,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if classifier not in ("token", "gap"):
             raise ValueError(f"classifier={classifier!r} is not one of 'token', 'gap'")
-        stride = getattr(stem, "stride", 1)
-        feature_size = image_size // stride
-        if image_size % stride or feature_size % patch_size:
-            valid = [p for p in range(1, feature_size + 1) if feature_size % p == 0]
-            where = (
-                f"the stem's {feature_size}x{feature_size} feature map"
-                if stem
-                else f"image_size={image_size}"
-            )
-            raise ValueError(
-                f"patch_size={patch_size} does not divide {where}; valid patch sizes: {valid}"
-            )
+        self.grid = patch_grid(image_size, patch_size, stem)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -114,8 +114,6 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = channels_last
         self.num_prefix_tokens = 1 if classifier == "token" else 0
-        self.grid = (feature_size // patch_size, feature_size // patch_size)
-        grid = self.grid
 
         self.stem = stem
         self.patch_embed = PatchEmbed(
@@ -127,7 +125,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = build_position_encoding(
             pos_embed,
             num_prefix_tokens=self.num_prefix_tokens,
-            grid=grid,
+            grid=self.grid,
             hidden_size=hidden_size,
             num_heads=num_heads,
         )
@@ -146,56 +144,81 @@ class VisionTransformer(nn.Module):
             for index in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
-        if representation_size:
-            self.pre_logits = nn.Sequential(nn.Linear(hidden_size, representation_size), nn.Tanh())
-            lecun_normal_(self.pre_logits[0].weight)
-            nn.init.zeros_(self.pre_logits[0].bias)
-        else:
-            self.pre_logits = nn.Identity()
-        self.head = (
-            nn.Linear(representation_size or hidden_size, num_classes)
-            if num_classes
-            else nn.Identity()
-        )
-        if num_classes:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.pre_logits = _pre_logits(hidden_size, representation_size)
+        self.head = classification_head(representation_size or hidden_size, num_classes)
         if channels_last:
             self.patch_embed.to(memory_format=torch.channels_last)
             if stem is not None:
                 stem.to(memory_format=torch.channels_last)
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names the optimizer should not decay (besides biases and norms)."""
-        return {"cls_token", *(f"pos_embed.{name}" for name in self.pos_embed.no_weight_decay())}
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (b, c, H, W) in [-1, 1] -> logits (b, num_classes)."""
+        x, grid = self.embed(x)  # stem, patch embedding, class token, position embedding
+        # Speed path: the head reads only the class token, so the last block computes
+        # only that (`fast.class_token_block`); `gap` pools every token.
+        x = self.encoder(x, grid, class_token_only=self.classifier == "token")
+        x = self.norm(x)
+        x = x[:, 0] if self.classifier == "token" else x.mean(dim=1)
+        x = self.pre_logits(x)
+        return self.head(x)
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images (b, c, H, W) -> (tokens (b, prefix + h*w, hidden_size) entering block 0, (h, w))."""
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (b, c, H, W) -> (tokens entering block 0 (b, prefix + h*w, d), grid (h, w))."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.stem is not None:
-            x = self.stem(x)
-        x, grid = self.patch_embed(x)
+            x = self.stem(x)  # R+ViT: the ResNet's feature map (b, c', H / stride, W / stride)
+        x, grid = self.patch_embed(x)  # (b, h*w, d)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.pos_drop(self.pos_embed(x, grid)), grid
+            cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0]).to(x.dtype)
+            x = torch.cat([cls, x], dim=1)
+        x = self.pos_embed(x, grid)
+        return self.pos_drop(x), grid
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (b, c, H, W) -> encoded tokens (b, prefix + h*w, hidden_size), after the final LayerNorm."""
-        return self.norm(self._encode(x))
+    def encoder(
+        self,
+        x: torch.Tensor,
+        grid: tuple[int, int],
+        *,
+        class_token_only: bool = False,
+        on_block_input: BlockInputHook | None = None,
+    ) -> torch.Tensor:
+        """Tokens (b, n, d) entering block 0 -> the last block's output, before `norm`.
 
-    def _encode(self, x: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
-        """Images -> the tokens out of the last block (only the first token if `first_token_only`)."""
-        x, grid = self._embed(x)
+        The one encoder loop: `forward`, `forward_features` and `attention_maps` all run
+        it. `class_token_only`: the last block returns the class token alone, (b, 1, d).
+        `on_block_input(block, x, rotate)` sees what enters each block.
+        """
         rotate = self.pos_embed.rotation(grid, x.device)
-        blocks = self.blocks[:-1] if first_token_only else self.blocks
-        for index, block in enumerate(blocks):
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            if on_block_input is not None:
+                on_block_input(block, x, rotate)
+            if class_token_only and index == last:
+                # No after_block: the encodings leave the class token alone there.
+                return checkpointed(
+                    block, x, rotate, class_token_only=True, enabled=self.grad_checkpointing
+                )
             x = checkpointed(block, x, rotate, enabled=self.grad_checkpointing)
             x = self.pos_embed.after_block(index, x, grid)
-        if first_token_only:
-            # after_block leaves the prefix (class) token alone: nothing to call after this.
-            x = checkpointed(self.blocks[-1], x, rotate, True, enabled=self.grad_checkpointing)
         return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (b, c, H, W) -> every token after `norm`, (b, prefix + h*w, hidden_size).
+
+        The original's encoder output (`Transformer`): the last block runs over every token.
+        """
+        x, grid = self.embed(x)
+        return self.norm(self.encoder(x, grid))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens from `forward_features` -> logits: pool (`token` or `gap`), pre-logits, head."""
+        x = x[:, 0] if self.classifier == "token" else x.mean(dim=1)
+        return self.head(self.pre_logits(x))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the optimizer should not decay (besides biases and norms)."""
+        return {"cls_token", *(f"pos_embed.{name}" for name in self.pos_embed.no_weight_decay())}
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Images (b, c, H, W) -> each layer's attention weights, (b, num_heads, n, n), n = prefix + h*w.
@@ -204,12 +227,13 @@ class VisionTransformer(nn.Module):
         k when it uses `rope2d`, row i being where token i looks. For inspection: call
         it in eval mode and under `torch.no_grad()`; `forward` never computes these.
         """
-        x, grid = self._embed(x)
-        rotate = self.pos_embed.rotation(grid, x.device)
-        maps = []
-        for index, block in enumerate(self.blocks):
-            maps.append(block.attn.attention_weights(block.norm1(x), rotate))
-            x = self.pos_embed.after_block(index, block(x, rotate), grid)
+        maps: list[torch.Tensor] = []
+
+        def record(block: Block, tokens: torch.Tensor, rotate: Rotate | None) -> None:
+            maps.append(block.attn.attention_weights(block.norm1(tokens), rotate))
+
+        x, grid = self.embed(x)
+        self.encoder(x, grid, on_block_input=record)
         return maps
 
     def position_embeddings(self) -> torch.Tensor:
@@ -229,16 +253,12 @@ class VisionTransformer(nn.Module):
         patches = table[self.num_prefix_tokens :]
         return rearrange(patches, "(h w) d -> h w d", h=self.grid[0], w=self.grid[1])
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoded tokens -> logits: pool (`token` or `gap`), pre-logits, head."""
-        x = x[:, 0] if self.classifier == "token" else x.mean(dim=1)
-        return self.head(self.pre_logits(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (b, c, H, W) -> logits (b, num_classes).
-
-        With the class-token classifier, the last block runs for the class token only
-        (`Block.forward(first_token_only=True)`): the logits read nothing else of it.
-        """
-        token = self.classifier == "token"
-        return self.forward_head(self.norm(self._encode(x, first_token_only=token)))
+def _pre_logits(hidden_size: int, representation_size: int | None) -> nn.Module:
+    """The original's Dense + tanh `pre_logits` of `representation_size`, or Identity for None."""
+    if not representation_size:
+        return nn.Identity()
+    dense = nn.Linear(hidden_size, representation_size)
+    lecun_normal_(dense.weight)
+    nn.init.zeros_(dense.bias)
+    return nn.Sequential(dense, nn.Tanh())

@@ -1,10 +1,16 @@
-"""Checkpoints in other layouts than ours: the official `.npz` files, read and written."""
+"""Checkpoints in other layouts than ours: the official `.npz` files, read and written.
 
-from vitlab.models.checkpoints.official import (
-    from_official_npz,
-    load_pretrained,
-    save_official_npz,
-    to_official,
-)
+- `layout.py`: every parameter of ours tied to its official arrays (one einops
+  pattern each, read both ways);
+- `npz.py`: reading a file or a mapping of arrays;
+- `load.py`: loading into a built model, with the original's fine-tuning rules;
+- `resample.py`: a file's position table resized to the model's grid;
+- `architecture.py`: the model a file holds, built from the file alone;
+- `export.py`: our models written as official files.
+"""
+
+from vitlab.models.checkpoints.architecture import from_official_npz
+from vitlab.models.checkpoints.export import save_official_npz, to_official
+from vitlab.models.checkpoints.load import load_pretrained
 
 __all__ = ["from_official_npz", "load_pretrained", "save_official_npz", "to_official"]
