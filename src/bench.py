@@ -5,11 +5,15 @@ races the model in Lightning's fit, in a bare PyTorch loop and against timm, and
 writes `bench.md` and `bench.json` into the run folder.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from vitlab.bench.race import bench
+from vitlab.runs.folders import register_resolvers
 from vitlab.runs.tasks import run_task
+from vitlab.runs.validate import refuse_renamed_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
@@ -18,4 +22,6 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    register_resolvers()
+    refuse_renamed_overrides(sys.argv[1:])
     main()

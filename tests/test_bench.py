@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 
 from tests.conftest import compose_config
 from vitlab.bench.race import BenchSettings, bench
+from vitlab.bench.timm_models import timm_model
 from vitlab.errors import ConfigError
-from vitlab.runs.tasks import build_backbone
-from vitlab.bench.timm_models import timm_twin
+from vitlab.runs.build import build_backbone
 
 TINY = (
     "model=vit_tiny",
@@ -84,7 +84,7 @@ def test_bench_returns_the_ratios_ours_over_timm_and_fit_over_bare(tiny_run):
     assert all(value > 0 for value in ratios.values())
 
 
-def test_bare_loop_peak_memory_is_measured_and_the_same_for_twins(tiny_run):
+def test_bare_loop_peak_memory_is_measured_for_both_models(tiny_run):
     folder, _ = tiny_run
     report = json.loads((folder / "bench.json").read_text())
     memory = {(c["model"], c["loop"]): c["peak_memory_bytes"] for c in report["contenders"]}
@@ -96,12 +96,12 @@ def test_bare_loop_peak_memory_is_measured_and_the_same_for_twins(tiny_run):
 @pytest.mark.parametrize(
     "model", ["vit_s16", "mixer_b16", "r26_vit_s32", "vit_s16_gap", "r_vit_ti16", "vit_tiny"]
 )
-def test_timm_twin_has_exactly_our_parameter_count(make_cfg, model):
+def test_timm_model_has_exactly_our_parameter_count(make_cfg, model):
     cfg = make_cfg(f"model={model}", config_name="bench")
     with torch.device("meta"):  # shapes only: no memory, no init time
         ours = build_backbone(cfg.model)
-        twin, _ = timm_twin(cfg.model)
-    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in ours.parameters())
+        theirs, _ = timm_model(cfg.model)
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
 
 
 def test_a_model_timm_lacks_is_refused_naming_the_key(make_cfg):

@@ -1,15 +1,15 @@
 """The timm model with the same architecture as a vitlab model config: the benchmark's contender.
 
-`timm_twin(model_cfg)` reads the fields of a resolved `conf/model/*` config (ViT,
+`timm_model(model_cfg)` reads the fields of a resolved `conf/model/*` config (ViT,
 hybrid or Mixer) and builds timm's own implementation with the same dims, patch
 size, image size, classes and pooling, randomly initialised (`pretrained=False`).
 Plain ViTs and Mixers are timm's `VisionTransformer` and `MlpMixer` classes; a
 hybrid is the registered timm model with the same ResNet stem
 (`vit_small_r26_s32_224` for R26, ...) with its transformer dims overridden.
 timm keeps its own defaults elsewhere, notably exact (erf) GELU where the original,
-and vitlab, use the tanh approximation: the twin is timm as its users run it.
+and vitlab, use the tanh approximation: the model is timm as its users run it.
 
-timm is a dev dependency, imported only when a twin is built. A config with no
+timm is a dev dependency, imported only when its model is built. A config with no
 timm counterpart (another position encoding, pre-logits, a widened stem) raises
 ConfigError naming the key.
 """
@@ -34,7 +34,7 @@ TIMM_HYBRIDS = {
 }
 
 
-def timm_twin(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
+def timm_model(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
     """timm's model with the architecture of `model_cfg`, and a one-line description of it."""
     try:
         import timm
@@ -45,9 +45,9 @@ def timm_twin(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
         ) from err
     target = model_cfg.get("_target_")
     if target == MIXER:
-        return _mixer(timm, model_cfg)
+        return _timm_mixer(timm, model_cfg)
     if target == VIT:
-        return _vit(timm, model_cfg)
+        return _timm_vit(timm, model_cfg)
     raise ConfigError(
         f"model._target_={target!r} has no timm counterpart here; known: {[VIT, MIXER]}. "
         "bench.timm=false skips the timm contender"
@@ -55,12 +55,13 @@ def timm_twin(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
 
 
 def _refuse(key: str, value: Any, valid: str) -> None:
+    """A ConfigError: `model.<key>` has no counterpart in timm, so there is no fair race."""
     raise ConfigError(
         f"model.{key}={value!r} has no timm counterpart ({valid}); bench.timm=false skips timm"
     )
 
 
-def _vit(timm: Any, cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
+def _timm_vit(timm: Any, cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
     if cfg.get("pos_embed", "learned") != "learned":
         _refuse("pos_embed", cfg["pos_embed"], "timm's ViT has a learned position embedding")
     if cfg.get("representation_size"):
@@ -95,7 +96,7 @@ def _vit(timm: Any, cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
     return timm.create_model(name, pretrained=False, **kwargs), f"timm {name}"
 
 
-def _mixer(timm: Any, cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
+def _timm_mixer(timm: Any, cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
     hidden = cfg["hidden_dim"]
     model = timm.models.mlp_mixer.MlpMixer(
         img_size=cfg["image_size"],

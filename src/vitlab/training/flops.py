@@ -1,9 +1,9 @@
 """What model FLOP utilisation (MFU) divides: the FLOPs of a step, and the machine's peak FLOP/s.
 
-FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on the meta device:
-the module's parameters and buffers are swapped for meta tensors of the same shapes
-(`torch.func.functional_call`), so counting runs no arithmetic, allocates nothing,
-draws no random numbers and leaves batch statistics and weights alone. Attention is
+FLOPs are counted by Lightning's `measure_flops` (`torch.utils.flop_counter.FlopCounterMode`)
+on the meta device: the module's parameters and buffers are swapped for meta tensors of
+the same shapes (`torch.func.functional_call`), so counting runs no arithmetic, allocates
+nothing, draws no random numbers and leaves batch statistics and weights alone. Attention is
 counted through SDPA's math kernel (two batched matmuls), the kernel-independent
 count: FlopCounterMode has no formula for the fused CPU kernel and would count
 attention as zero there. Matmuls and convolutions are counted; elementwise work
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 # Lightning precision -> the dtype the matmuls run in ("mixed" autocasts them).
 PRECISION_DTYPES = {
@@ -55,19 +57,16 @@ def precision_dtype(precision: str | int) -> torch.dtype:
     return PRECISION_DTYPES[key]
 
 
-def count_flops(
-    module: nn.Module,
-    input_shape: Sequence[int],
-    train: bool = True,
-    num_classes: int | None = None,
-) -> int:
+def count_flops(module: nn.Module, input_shape: Sequence[int], train: bool = True) -> int:
     """FLOPs of one step of `module` on a batch of `input_shape` (batch dimension included).
 
     `train=True` counts forward, cross-entropy loss and backward (what a training step
     executes; with activation checkpointing the recomputed forward counts too), else
-    the forward alone. The module keeps its mode (train/eval) and compiled modules are
-    counted eagerly. Raises whatever the module raises on meta tensors (an op without
-    a meta kernel, a `.item()` on data).
+    the forward alone, without autograd (the inference path). The module keeps its mode
+    (train/eval) and compiled modules are counted eagerly. Raises whatever the module
+    raises on meta tensors (an op without a meta kernel, a `.item()` on data).
+    Lightning's `measure_flops` wants a model built on the meta device; this counts a
+    live module through meta copies of its tensors, with attention on SDPA's math kernel.
     """
     meta = {
         name: torch.empty_like(tensor, device="meta").requires_grad_(tensor.requires_grad)
@@ -75,16 +74,12 @@ def count_flops(
     }
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     images = torch.empty(*input_shape, device="meta", dtype=dtype)
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH), torch.compiler.set_stance("force_eager"):
-        if not train:
-            with torch.no_grad():
-                functional_call(module, meta, (images,))
-            return counter.get_total_flops()
-        logits = functional_call(module, meta, (images,))
-        labels = torch.zeros(input_shape[0], dtype=torch.long, device="meta")
-        F.cross_entropy(logits.float(), labels).backward()
-    return counter.get_total_flops()
+    labels = torch.zeros(input_shape[0], dtype=torch.long, device="meta")
+    forward = partial(functional_call, module, meta, (images,))
+    loss = (lambda logits: F.cross_entropy(logits.float(), labels)) if train else None
+    autograd = nullcontext() if train else torch.no_grad()
+    with autograd, sdpa_kernel(SDPBackend.MATH), torch.compiler.set_stance("force_eager"):
+        return measure_flops(module, forward, loss)
 
 
 def measure_peak_flops(
@@ -92,9 +87,9 @@ def measure_peak_flops(
 ) -> float:
     """The best FLOP/s of `repeats` (size x size) @ (size x size) matmuls in `dtype` on `device`.
 
-    `size` defaults to `PEAK_MATMUL_SIZE` for the device type (2048 on the CPU: ~0.5 s
-    on 2 cores). On a shared machine other processes lower it; `cached_peak_flops`
-    measures once per process, the benchmark once per round and keeps the best.
+    `size` defaults to `PEAK_MATMUL_SIZE` for the device type. On a shared machine other
+    processes lower it; `cached_peak_flops` measures once per process, the benchmark
+    once per round and keeps the best.
     """
     device = torch.device(device)
     size = size or PEAK_MATMUL_SIZE.get(device.type, 4096)
@@ -103,10 +98,10 @@ def measure_peak_flops(
     b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     best = float("inf")
     for _ in range(repeats + 1):  # one more: the first warms up
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        _synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -120,6 +115,7 @@ def cached_peak_flops(device: torch.device | str, dtype: torch.dtype) -> float:
     return _PEAKS[key]
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued kernels (CUDA runs them asynchronously), so a timer reads their end."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
