@@ -2,7 +2,7 @@
 
 Prints a table of the jobs (varied overrides, status, final metrics, throughput), best
 first, and writes `compare.md`, `compare.csv` and PNG plots beside them. No server needed:
-everything is read from the run folders (`vitlab.reports.runs`).
+everything is read from the run folders (`vitlab.reports`).
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 import rich
 from rich.markup import escape
 
-from vitlab.reports import runs as reports
+from vitlab import reports
 from vitlab.errors import VitlabError
 
 

@@ -1,4 +1,4 @@
-"""`src/compare.py` and `vitlab.reports.runs` on sweep folders written by hand, as the pipeline writes them."""
+"""`src/compare.py` and `vitlab.reports` on sweep folders written by hand, as the pipeline writes them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import yaml
 from nbclient import NotebookClient
 
 from tests.conftest import wait_until_wandb_run_is_written
-from vitlab.reports import runs as reports
+from vitlab import reports
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH_SIZES = (4, 8)

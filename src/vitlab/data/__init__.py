@@ -5,7 +5,7 @@ exposes `image_size`, `num_channels` and `num_classes` for the model to match.
 `batch_size` is always the global batch. Knows nothing of the models.
 """
 
-from vitlab.data.base import ImageDataModule
+from vitlab.data.base import ImageDataModule, InceptionCropDataModule
 from vitlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from vitlab.data.digits import DigitsDataModule
 from vitlab.data.image_folder import ImageFolderDataModule
@@ -17,5 +17,6 @@ __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "InceptionCropDataModule",
     "SyntheticDataModule",
 ]

@@ -14,7 +14,8 @@ order and the augmentation reproducible and resumable mid-epoch.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from vitlab.data.samplers import (
     ShardSampler,
     seeded_collate,
 )
-from vitlab.data.transforms import MixupCutmix
+from vitlab.data.transforms import MixupCutmix, eval_transform, train_transform
 from vitlab.errors import ConfigError
 
 
@@ -40,21 +41,25 @@ def _collate_then(
     return then(collate_fn(samples))
 
 
-def _positive(key: str, value: int) -> int:
+def _require_positive_int(key: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"data.{key}={value!r} must be a positive integer")
-    return value
 
 
+@dataclass(eq=False, repr=False, kw_only=True)
 class ImageDataModule(LightningDataModule):
     """Base for image-classification datamodules yielding `(images, labels)` batches.
 
     Images are float32 (b, num_channels, image_size, image_size) in [-1, 1]; labels
-    int64 in [0, num_classes).
+    int64 in [0, num_classes). Datamodules are dataclasses: their fields are their
+    keyword-only constructor arguments, the keys of `conf/data/*.yaml`. The fields
+    every datamodule shares are declared once, here; a subclass redeclares one only
+    to give it that dataset's default, adds its own, and checks them in a
+    `__post_init__` that calls this one.
 
     Attributes:
-        data_dir: where the dataset lives on disk (unused by in-memory datasets, kept
-            so that every data config has the same fields).
+        data_dir: where the dataset lives on disk, resolved to an absolute `Path`
+            (unused by in-memory datasets, kept so that every data config has the same fields).
         batch_size: the global batch: summed over devices and gradient-accumulation steps.
         num_workers: DataLoader worker processes per device; 0 loads in the main process.
         image_size: side of the square images the model sees, in pixels.
@@ -65,38 +70,37 @@ class ImageDataModule(LightningDataModule):
             which then carry (b, num_classes) soft labels; 0.0 (off) by default.
     """
 
-    train_set: Dataset
-    val_set: Dataset
-    test_set: Dataset
+    data_dir: str = "data/"
+    batch_size: int
+    num_workers: int = 0
+    image_size: int
+    num_channels: int
+    num_classes: int
+    pin_memory: bool = False
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        num_workers: int,
-        image_size: int,
-        num_channels: int,
-        num_classes: int,
-        pin_memory: bool = False,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-    ) -> None:
+    # Built by the subclass's `setup()`.
+    train_set: Dataset = field(init=False)
+    val_set: Dataset = field(init=False)
+    test_set: Dataset = field(init=False)
+
+    def __post_init__(self) -> None:
         super().__init__()
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers!r} must be 0 or a positive integer")
-        self.data_dir = Path(data_dir).expanduser().resolve()
-        self.batch_size = _positive("batch_size", batch_size)
-        self.num_workers = num_workers
-        self.image_size = _positive("image_size", image_size)
-        self.num_channels = _positive("num_channels", num_channels)
-        self.num_classes = _positive("num_classes", num_classes)
-        self.pin_memory = pin_memory
-        for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(
+                f"data.num_workers={self.num_workers!r} must be 0 or a positive integer"
+            )
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        for key in ("batch_size", "image_size", "num_channels", "num_classes"):
+            _require_positive_int(key, getattr(self, key))
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            alpha = getattr(self, key)
             if not (isinstance(alpha, (int, float)) and alpha >= 0):
                 raise ConfigError(f"data.{key}={alpha!r} must be a number >= 0 (0 turns it off)")
         self.mix = (
-            MixupCutmix(num_classes, mixup_alpha, cutmix_alpha)
-            if mixup_alpha or cutmix_alpha
+            MixupCutmix(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+            if self.mixup_alpha or self.cutmix_alpha
             else None
         )
         self._resume_state: dict[str, int] | None = None
@@ -124,15 +128,15 @@ class ImageDataModule(LightningDataModule):
         return self.batch_size // parts
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self._dataloader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._dataloader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self._dataloader(self.test_set, train=False)
 
-    def _loader(
+    def _dataloader(
         self,
         dataset: Dataset,
         train: bool,
@@ -161,7 +165,7 @@ class ImageDataModule(LightningDataModule):
             SeededDataset(dataset),
             sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, rank, world_size),
             drop_last=True,
-            collate_fn=partial(seeded_collate, collate_fn=self._mixing(collate_fn)),
+            collate_fn=partial(seeded_collate, collate_fn=self._with_mixing(collate_fn)),
             current_epoch=lambda: getattr(self.trainer, "current_epoch", 0),
             trained_batches=self._trained_batches,
             **common,
@@ -170,7 +174,7 @@ class ImageDataModule(LightningDataModule):
             loader.load_state_dict(self._resume_state)
         return loader
 
-    def _mixing(
+    def _with_mixing(
         self, collate_fn: Callable[[list[Any]], Any] | None
     ) -> Callable[[list[Any]], Any] | None:
         """`collate_fn` followed by Mixup / CutMix when they are on."""
@@ -198,3 +202,42 @@ class ImageDataModule(LightningDataModule):
     def _trained_batches(self) -> int:
         """Batches of the current epoch that finished their training step."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+@dataclass(eq=False, repr=False, kw_only=True)
+class InceptionCropDataModule(ImageDataModule):
+    """Base for datasets of decoded images preprocessed as the original ViT does.
+
+    Training images get the inception crop, a random flip and optionally RandAugment
+    (`train_transform`); evaluation images a plain resize (`eval_transform`). A
+    subclass builds its splits with `train_transform` and `eval_transform`. The
+    defaults are the paper's fine-tuning setup, on GPUs.
+
+    Attributes (beyond `ImageDataModule`'s):
+        train_crop_scale: (min, max) fraction of the image area a training crop covers.
+        train_crop_ratio: (min, max) aspect ratio of a training crop.
+        hflip: random horizontal flips in training.
+        randaugment: (num_ops, magnitude) of RandAugment in training, or None (the original).
+    """
+
+    batch_size: int = 512
+    num_workers: int = 8
+    image_size: int = 224
+    num_channels: int = 3
+    pin_memory: bool = True
+    train_crop_scale: Sequence[float] = (0.05, 1.0)
+    train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    randaugment: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.train_transform = train_transform(
+            self.image_size,
+            self.num_channels,
+            self.train_crop_scale,
+            self.train_crop_ratio,
+            self.hflip,
+            self.randaugment,
+        )
+        self.eval_transform = eval_transform(self.image_size, self.num_channels)

@@ -9,14 +9,14 @@ paper's recipes). The data is looked for in `<data_dir>/cifar-10-batches-py/`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from vitlab.data.base import ImageDataModule
-from vitlab.data.transforms import eval_transform, train_transform
+from vitlab.data.base import InceptionCropDataModule
 from vitlab.errors import ConfigError, DataError
 
 
@@ -36,62 +36,37 @@ class _Transformed(Dataset):
         return self.transform(image), label
 
 
-class CIFAR10DataModule(ImageDataModule):
+@dataclass(eq=False, repr=False, kw_only=True)
+class CIFAR10DataModule(InceptionCropDataModule):
     """CIFAR-10: 50 000 train (less `val_size` for val) and 10 000 test images, 10 classes.
 
-    Attributes (beyond `ImageDataModule`'s):
+    Attributes (beyond `InceptionCropDataModule`'s):
         num_classes: defaults to the dataset's; any other value is an error.
         download: fetch the archive into `data_dir` if it is not there (needs internet).
         val_size: images at the end of the train set held out for validation.
-        train_crop_scale: (min, max) fraction of the image area a training crop covers.
-        train_crop_ratio: (min, max) aspect ratio of a training crop.
-        hflip: random horizontal flips in training.
-        randaugment: (num_ops, magnitude) of RandAugment in training, or None (the original).
-        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
-    dataset_class: type[CIFAR10] = CIFAR10
-    name = "CIFAR-10"
-    dataset_num_classes = 10
+    dataset_class: ClassVar[type[CIFAR10]] = CIFAR10
+    name: ClassVar[str] = "CIFAR-10"
+    dataset_num_classes: ClassVar[int] = 10
 
-    def __init__(
-        self,
-        data_dir: str = "data/",
-        batch_size: int = 512,
-        num_workers: int = 8,
-        image_size: int = 224,
-        num_channels: int = 3,
-        num_classes: int | None = None,
-        pin_memory: bool = True,
-        download: bool = True,
-        val_size: int = 1000,
-        train_crop_scale: Sequence[float] = (0.05, 1.0),
-        train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        randaugment: Sequence[int] | None = None,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-    ) -> None:
+    num_classes: int | None = None
+    download: bool = True
+    val_size: int = 1000
+
+    def __post_init__(self) -> None:
         expected = self.dataset_num_classes
-        if num_classes not in (None, expected):
+        if self.num_classes not in (None, expected):
             raise ConfigError(
-                f"data.num_classes={num_classes} but {self.name} has {expected} classes; "
+                f"data.num_classes={self.num_classes} but {self.name} has {expected} classes; "
                 f"set data.num_classes={expected}"
             )
-        if num_channels != 3:
+        if self.num_channels != 3:
             raise ConfigError(
-                f"data.num_channels={num_channels} but {self.name} is RGB; set data.num_channels=3"
+                f"data.num_channels={self.num_channels} but {self.name} is RGB; set data.num_channels=3"
             )
-        super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, expected, pin_memory,
-            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-        )  # fmt: skip
-        self.download = download
-        self.val_size = val_size
-        self.train_transform = train_transform(
-            image_size, num_channels, train_crop_scale, train_crop_ratio, hflip, randaugment
-        )
-        self.eval_transform = eval_transform(image_size, num_channels)
+        self.num_classes = expected
+        super().__post_init__()
 
     @property
     def folder(self) -> str:
@@ -114,7 +89,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):
-            full = self._load(train=True)
+            full = self._torchvision_split(train=True)
             if not 0 < self.val_size < len(full):
                 raise ConfigError(
                     f"data.val_size={self.val_size} must be between 1 and {len(full) - 1} "
@@ -124,9 +99,10 @@ class CIFAR10DataModule(ImageDataModule):
             self.train_set = _Transformed(Subset(full, range(split)), self.train_transform)
             self.val_set = _Transformed(Subset(full, range(split, len(full))), self.eval_transform)
         if stage in (None, "test"):
-            self.test_set = _Transformed(self._load(train=False), self.eval_transform)
+            self.test_set = _Transformed(self._torchvision_split(train=False), self.eval_transform)
 
-    def _load(self, train: bool) -> CIFAR10:
+    def _torchvision_split(self, train: bool) -> CIFAR10:
+        """The official train or test set as torchvision reads it, untransformed."""
         try:
             return self.dataset_class(str(self.data_dir), train=train, download=False)
         except RuntimeError as err:

@@ -11,15 +11,14 @@ lazily, and one that cannot be read stops the run with its path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from vitlab.data.base import ImageDataModule
-from vitlab.data.transforms import eval_transform, train_transform
+from vitlab.data.base import InceptionCropDataModule
 from vitlab.errors import ConfigError, DataError
 
 PIL_MODES = {1: "L", 3: "RGB"}
@@ -36,66 +35,46 @@ def load_image(path: str, mode: str) -> Image.Image:
         raise DataError(f"Cannot read image {path} ({err}); remove or replace the file") from err
 
 
-class ImageFolderDataModule(ImageDataModule):
+@dataclass(eq=False, repr=False, kw_only=True)
+class ImageFolderDataModule(InceptionCropDataModule):
     """ImageNet-style folders of images, one folder per class.
 
-    Attributes (beyond `ImageDataModule`'s):
+    `data_dir` has no default: it is the folder that holds `train/` and `val/`.
+
+    Attributes (beyond `InceptionCropDataModule`'s):
         num_classes: must equal the number of class folders.
-        train_crop_scale: (min, max) fraction of the image area a training crop covers.
-        train_crop_ratio: (min, max) aspect ratio of a training crop.
-        hflip: random horizontal flips in training.
-        randaugment: (num_ops, magnitude) of RandAugment in training, or None (the original).
-        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int = 512,
-        num_workers: int = 8,
-        image_size: int = 224,
-        num_channels: int = 3,
-        num_classes: int = 1000,
-        pin_memory: bool = True,
-        train_crop_scale: Sequence[float] = (0.05, 1.0),
-        train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        randaugment: Sequence[int] | None = None,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-    ) -> None:
-        if num_channels not in PIL_MODES:
+    data_dir: str = field()  # required: `field()` drops the inherited default
+    num_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.num_channels not in PIL_MODES:
             raise ConfigError(
-                f"data.num_channels={num_channels} is not valid for image folders; use 3 (RGB) or 1 (grey)"
+                f"data.num_channels={self.num_channels} is not valid for image folders; use 3 (RGB) or 1 (grey)"
             )
-        super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory,
-            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-        )  # fmt: skip
-        self.loader = partial(load_image, mode=PIL_MODES[num_channels])
-        self.train_transform = train_transform(
-            image_size, num_channels, train_crop_scale, train_crop_ratio, hflip, randaugment
-        )
-        self.eval_transform = eval_transform(image_size, num_channels)
+        super().__post_init__()
+        self.loader = partial(load_image, mode=PIL_MODES[self.num_channels])
 
     def setup(self, stage: str | None = None) -> None:
         train_dir = self._split_dir("train")
-        classes = self._classes(train_dir)
+        classes = self._class_folders(train_dir)
         if len(classes) != self.num_classes:
             raise ConfigError(
                 f"data.num_classes={self.num_classes} but {train_dir}/ has {len(classes)} class "
                 f"folders; set data.num_classes={len(classes)}"
             )
         if stage in (None, "fit"):
-            self.train_set = self._split(train_dir, classes, train=True)
+            self.train_set = self._image_folder(train_dir, classes, train=True)
         if stage in (None, "fit", "validate"):
-            self.val_set = self._split(self._split_dir("val"), classes, train=False)
+            self.val_set = self._image_folder(self._split_dir("val"), classes, train=False)
         if stage in (None, "test"):
             test_dir = self.data_dir / "test"
             split_dir = test_dir if test_dir.is_dir() else self._split_dir("val")
-            self.test_set = self._split(split_dir, classes, train=False)
+            self.test_set = self._image_folder(split_dir, classes, train=False)
 
     def _split_dir(self, split: str) -> Path:
+        """`<data_dir>/<split>`, which must exist."""
         folder = self.data_dir / split
         if not folder.is_dir():
             raise DataError(
@@ -104,7 +83,8 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return folder
 
-    def _classes(self, folder: Path) -> list[str]:
+    def _class_folders(self, folder: Path) -> list[str]:
+        """The class folder names in `folder`, sorted: their order gives the label indices."""
         classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
         if not classes:
             raise DataError(
@@ -112,8 +92,9 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return classes
 
-    def _split(self, folder: Path, train_classes: list[str], train: bool) -> ImageFolder:
-        classes = self._classes(folder)
+    def _image_folder(self, folder: Path, train_classes: list[str], train: bool) -> ImageFolder:
+        """One split's `ImageFolder`, once its class folders are checked against train's."""
+        classes = self._class_folders(folder)
         if classes != train_classes:
             only_train = sorted(set(train_classes) - set(classes))
             only_here = sorted(set(classes) - set(train_classes))

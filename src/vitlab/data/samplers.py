@@ -46,7 +46,7 @@ def _seeded(seed: int) -> Iterator[None]:
     """Run the block under `seed` on the CPU generator, then give the caller its state back.
 
     What `torch.random.fork_rng(devices=[])` + `torch.manual_seed` do, without touching
-    the accelerators' generators: 40x cheaper, and this runs once per sample.
+    the accelerators' generators, which makes it far cheaper; it runs once per sample.
     """
     generator = torch.default_generator
     state = generator.get_state()

@@ -8,12 +8,15 @@ and nothing is augmented.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data import TensorDataset
 
 from vitlab.data.base import ImageDataModule
 
 
+@dataclass(eq=False, repr=False, kw_only=True)
 class SyntheticDataModule(ImageDataModule):
     """Random `(images, labels)` at the configured size, channels and classes.
 
@@ -21,31 +24,15 @@ class SyntheticDataModule(ImageDataModule):
         num_samples: size of the train split.
         num_eval_samples: size of each of the val and test splits.
         seed: seed of the generator; the data does not depend on the run's seed.
-        mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (see `ImageDataModule`).
     """
 
-    def __init__(
-        self,
-        data_dir: str = "data/",
-        batch_size: int = 32,
-        num_workers: int = 0,
-        image_size: int = 224,
-        num_channels: int = 3,
-        num_classes: int = 1000,
-        pin_memory: bool = False,
-        num_samples: int = 256,
-        num_eval_samples: int = 64,
-        seed: int = 0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-    ) -> None:
-        super().__init__(
-            data_dir, batch_size, num_workers, image_size, num_channels, num_classes, pin_memory,
-            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-        )  # fmt: skip
-        self.num_samples = num_samples
-        self.num_eval_samples = num_eval_samples
-        self.seed = seed
+    batch_size: int = 32
+    image_size: int = 224
+    num_channels: int = 3
+    num_classes: int = 1000
+    num_samples: int = 256
+    num_eval_samples: int = 64
+    seed: int = 0
 
     def setup(self, stage: str | None = None) -> None:
         generator = torch.Generator().manual_seed(self.seed)
