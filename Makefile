@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install train test test-fast bench lint format clean
+.PHONY: install train test test-fast bench docs lint format clean
 
 install: $(STAMP)  ## .venv with the package and its dev extra (a no-op when up to date)
 
@@ -26,6 +26,9 @@ test-fast: install  ## skip the multi-process tests
 bench: install  ## ViT-S/16 in Lightning fit vs a bare loop vs timm, 224, batch 32; ARGS="model=mixer_b16 ..." to change it
 	$(PY) src/bench.py $(ARGS)
 
+docs: install  ## these docs (docs/, mkdocs.yml) built into site/; strict: a broken link or a page missing from nav fails
+	$(VENV)/bin/mkdocs build --strict
+
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
@@ -34,6 +37,6 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests
 	$(VENV)/bin/ruff format src tests
 
-clean:  ## remove run folders and caches (keeps .venv and data/)
-	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+clean:  ## remove run folders, the built docs and caches (keeps .venv and data/)
+	rm -rf logs outputs multirun site .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
