@@ -6,6 +6,7 @@ Composes `conf/eval.yaml` with Hydra and hands it to `vitlab.runs.tasks.evaluate
 import hydra
 from omegaconf import DictConfig
 
+from vitlab.runs.folders import register_resolvers
 from vitlab.runs.tasks import evaluate, run_task
 
 
@@ -15,4 +16,5 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

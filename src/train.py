@@ -3,10 +3,14 @@
 Composes `conf/train.yaml` with Hydra and hands it to `vitlab.runs.tasks.train`.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from vitlab.runs.folders import register_resolvers
 from vitlab.runs.tasks import run_task, train
+from vitlab.runs.validate import refuse_renamed_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -15,4 +19,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    register_resolvers()
+    refuse_renamed_overrides(sys.argv[1:])
     main()

@@ -20,13 +20,15 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import vitlab.runs.tasks  # noqa: F401  (registers the `vitlab.unique` resolver)
 from vitlab.models import VisionTransformer
+from vitlab.runs.folders import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# As the entry points do: conf/hydra/default.yaml names the run folders with vitlab's resolvers.
+register_resolvers()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from tests.conftest import tiny_vit
-from vitlab.training.classifier import ImageClassifier
 from vitlab.data import DigitsDataModule
 from vitlab.data.transforms import MixupCutmix, train_transform
 from vitlab.models.layers import DropPath
 from vitlab.runs.tasks import train
+from vitlab.training.classifier import ImageClassifier
 
 
 def test_drop_path_is_the_identity_in_eval_mode_and_at_rate_zero():
@@ -96,7 +96,7 @@ def test_classifier_trains_on_soft_labels_and_counts_accuracy_by_their_largest_p
     images = torch.randn(4, 3, 16, 16)
     soft = F.one_hot(torch.tensor([1, 2, 3, 4]), 10).float() * 0.7 + 0.03
     logits = model(images)
-    loss = model._step((images, soft), "train")
+    loss = model._loss_and_log_metrics((images, soft), "train")
     assert loss.item() == pytest.approx(F.cross_entropy(logits, soft).item(), rel=1e-5)
     expected = (logits.argmax(-1) == torch.tensor([1, 2, 3, 4])).float().mean()
     assert model.train_metrics["acc"].compute() == pytest.approx(expected.item())

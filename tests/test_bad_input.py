@@ -34,8 +34,8 @@ def test_a_typo_in_a_key_is_refused_by_name(make_cfg):
         ("trainer.max_steps=0", r"trainer.max_steps=0 is not valid; use a positive number, or -1"),
         ("trainer.max_epochs=0", r"trainer.max_epochs=0 is not valid"),
         ("data.batch_size=0", r"data.batch_size=0 must be a positive integer"),
-        ("classifier.label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"),
-        ("classifier.label_smoothing=-0.1", r"label_smoothing=-0.1 must be in \[0, 1\)"),
+        ("loss.label_smoothing=1.0", r"label_smoothing=1.0 must be in \[0, 1\)"),
+        ("loss.label_smoothing=-0.1", r"label_smoothing=-0.1 must be in \[0, 1\)"),
         ("scheduler.warmup_steps=-5", r"scheduler.warmup_steps=-5 must be >= 0"),
         (
             "scheduler.warmup_steps=100000",
@@ -68,3 +68,10 @@ def test_corrupt_ckpt_path_is_named_before_training(make_cfg, tmp_path):
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ConfigError, match=rf"ckpt_path={corrupt} is not a PyTorch checkpoint"):
         train(make_cfg(f"ckpt_path={corrupt}", "debug=fdr"))
+
+
+def test_a_renamed_key_in_the_config_is_refused_naming_its_new_name(make_cfg):
+    with pytest.raises(
+        ConfigError, match=r"classifier.label_smoothing was renamed to loss.label_smoothing"
+    ):
+        train(make_cfg("+classifier.label_smoothing=0.1"))

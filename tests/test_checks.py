@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from vitlab.runs.validate import check_trainer
-from vitlab.training.classifier import ImageClassifier
 from vitlab.errors import ConfigError, NonFiniteLossError
 from vitlab.runs.tasks import train
+from vitlab.runs.validate import check_trainer
+from vitlab.training.classifier import ImageClassifier
 
 
 def test_float16_mixed_precision_on_the_cpu_is_refused_with_the_valid_choices():

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
@@ -81,3 +83,28 @@ def test_run_folders_are_dated_and_unique():
         == "${vitlab.unique:${paths.log_dir}/${task_name}/multiruns/${now:%Y-%m-%d}_${now:%H-%M-%S}}"
     )
     assert hydra_cfg["sweep"]["subdir"] == "${hydra.job.num}"
+
+
+def _help_groups(config_name: str, *overrides: str) -> dict[str, list[str]]:
+    """The `group: options` lines of `src/<config_name>.py --help`, from its help template."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        template = cfg.hydra.help.template
+    GlobalHydra.instance().clear()
+    lines = (line.split(": ", 1) for line in template.splitlines() if ": " in line)
+    return {group: options.split(", ") for group, options in lines}
+
+
+def test_help_lists_the_groups_of_the_entry_point_and_not_the_fragments_they_include():
+    groups = _help_groups("train", "experiment=vit_b16_cifar10")
+    assert {"model", "data", "optimizer", "trainer", "experiment", "sweep"} <= set(groups)
+    assert "vit_b16" in groups["model"] and "vit_b16_cifar10" in groups["experiment"]
+    assert not any("/" in group for group in groups), "no family bases, no recipe fragments"
+    assert "family" not in groups["model"] and "finetune" not in groups["experiment"]
+
+
+def test_eval_help_lists_only_the_groups_eval_takes():
+    groups = _help_groups("eval", "ckpt_path=x.ckpt")
+    assert {"model", "data", "trainer", "logger"} <= set(groups)
+    assert not {"optimizer", "scheduler", "experiment", "sweep"} & set(groups)

@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import run_train_py, tiny_vit
-from vitlab.runs.validate import check_trainer
-from vitlab.training.classifier import ImageClassifier
 from vitlab.errors import ConfigError
 from vitlab.models import MlpMixer
 from vitlab.models.layers import Block
 from vitlab.models.mixer import MixerBlock
-from vitlab.runs.tasks import build_classifier
+from vitlab.runs.build import build_classifier
+from vitlab.runs.validate import check_trainer
+from vitlab.training.classifier import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -87,7 +87,7 @@ def test_ddp_cpu_is_two_gloo_processes_that_pass_the_check_without_a_gpu(make_cf
     [
         ("ddp", "ddp", 2, 1, "32-true"),
         ("ddp_8gpu", "ddp", 8, 1, "bf16-mixed"),
-        ("fsdp", "vitlab.training.distributed.fsdp_strategy", 2, 1, "bf16-mixed"),
+        ("fsdp", "vitlab.training.fsdp.fsdp_strategy", 2, 1, "bf16-mixed"),
         ("multinode", "ddp", 2, 2, "32-true"),
     ],
 )

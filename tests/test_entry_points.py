@@ -36,3 +36,20 @@ def test_unknown_model_exits_nonzero_listing_the_choices(tmp_path):
     result = _run("model=no_such_model", cwd=tmp_path)
     assert result.returncode != 0
     assert "vit_tiny" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_the_options_a_user_picks_and_not_the_fragments_they_include(tmp_path):
+    result = _run("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (models,) = (line for line in result.stdout.splitlines() if line.startswith("model: "))
+    assert "vit_b16" in models.removeprefix("model: ").split(", ")
+    assert "model/family" not in result.stdout and "experiment/finetune" not in result.stdout
+    assert "experiment: " in result.stdout and "trainer: " in result.stdout
+
+
+def test_a_renamed_key_exits_naming_its_new_name(tmp_path):
+    result = _run("classifier.label_smoothing=0.1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "classifier.label_smoothing was renamed to loss.label_smoothing" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs").exists(), "refused before anything was built"

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import vitlab.runs.tasks
+import vitlab.runs.folders
 from tests.conftest import run_train_py
 from vitlab.runs.launchers import pin_sweep_dir, with_requeue_overrides
 
@@ -134,7 +134,7 @@ def test_pinned_sweep_folder_survives_a_new_process_where_the_folder_exists(
     Path(sweep_dir).mkdir(parents=True)
     # A job's process: nothing remembered, the folder exists, the config composed again
     # from the sweep's Hydra overrides (as `ConfigLoader.load_sweep_config` does).
-    monkeypatch.setattr(vitlab.runs.tasks, "_UNIQUE_DIRS", {})
+    monkeypatch.setattr(vitlab.runs.folders, "_UNIQUE_DIRS", {})
     job_cfg = compose_with_hydra(*cfg.hydra.overrides.hydra, "seed=1")
 
     assert sweep_dir.startswith(str(tmp_path / "logs" / "train" / "multiruns"))

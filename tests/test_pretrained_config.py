@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.test_parity_jax import FIXTURES, read_fixture, run
-from vitlab.runs.tasks import build_backbone
+from vitlab.runs.build import build_backbone
 
 
 def _overrides(meta: dict, image_size: int) -> list[str]:

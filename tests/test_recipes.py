@@ -119,7 +119,7 @@ def test_recipe_fine_tunes_as_the_original(make_cfg, name):
     assert cfg["trainer"]["gradient_clip_val"] == 1.0
     assert cfg["trainer"]["gradient_clip_algorithm"] == "norm"
     assert cfg["trainer"]["max_epochs"] == -1, "the step count, not an epoch limit, ends the run"
-    assert cfg["classifier"]["label_smoothing"] == 0.0
+    assert cfg["loss"]["label_smoothing"] == 0.0
     assert cfg["model"].get("dropout_rate", 0.0) == 0.0, "the published numbers are dropout 0"
 
 

@@ -15,12 +15,12 @@ import lightning as L
 import pytest
 import torch
 
-import vitlab.runs.tasks as pipeline
+import vitlab.runs.tasks as tasks
 from tests.conftest import run_train_py
-from vitlab.training.checkpoint_io import AtomicCheckpointIO
-from vitlab.errors import ConfigError
+from vitlab.errors import ConfigError, Interrupted
+from vitlab.runs.build import build_trainer
 from vitlab.runs.resume import newest_checkpoint, resolve_ckpt_path
-from vitlab.training.signals import Interrupted
+from vitlab.training.checkpoint_io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ class SignalAtStep(L.Callback):
 
 
 def _train_with(cfg: Any, *extra: L.Callback, monkeypatch: pytest.MonkeyPatch) -> Any:
-    build = pipeline.build_trainer
+    build = tasks.build_trainer
 
     def build_with_extra(cfg: Any, **kwargs: Any) -> L.Trainer:
         trainer = build(cfg, **kwargs)
@@ -59,8 +59,8 @@ def _train_with(cfg: Any, *extra: L.Callback, monkeypatch: pytest.MonkeyPatch) -
         return trainer
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "build_trainer", build_with_extra)
-        return pipeline.train(cfg)
+        patch.setattr(tasks, "build_trainer", build_with_extra)
+        return tasks.train(cfg)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -70,7 +70,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_one(
     make_cfg, tmp_path, monkeypatch
 ):
-    pipeline.train(make_cfg(*EXACT))
+    tasks.train(make_cfg(*EXACT))
     whole_dir = tmp_path / "whole"
     whole_dir.mkdir()
     for name in ("checkpoints", "csv", "metrics.json"):
@@ -81,7 +81,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_
         _train_with(make_cfg(*EXACT), SignalAtStep(27), monkeypatch=monkeypatch)
     stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] == 28 and stopped["epoch"] == 1, "mid-epoch"
-    pipeline.train(make_cfg(*EXACT, "ckpt_path=last"))
+    tasks.train(make_cfg(*EXACT, "ckpt_path=last"))
 
     whole = _weights(whole_dir / "checkpoints" / "last.ckpt")
     resumed = _weights(tmp_path / "checkpoints" / "last.ckpt")
@@ -129,16 +129,16 @@ def test_a_foreign_file_as_ckpt_path_is_refused_naming_it_and_its_keys(make_cfg,
     with pytest.raises(
         ConfigError, match=rf"{foreign} is not a Lightning training checkpoint.*'model'"
     ):
-        pipeline.train(make_cfg(f"ckpt_path={foreign}"))
+        tasks.train(make_cfg(f"ckpt_path={foreign}"))
 
 
 def test_detect_anomaly_reaches_the_trainer(make_cfg):
-    assert pipeline.build_trainer(make_cfg("trainer.detect_anomaly=true"))._detect_anomaly
-    assert not pipeline.build_trainer(make_cfg())._detect_anomaly
+    assert build_trainer(make_cfg("trainer.detect_anomaly=true"))._detect_anomaly
+    assert not build_trainer(make_cfg())._detect_anomaly
 
 
 def test_the_trainer_saves_checkpoints_atomically(make_cfg):
-    assert isinstance(pipeline.build_trainer(make_cfg()).strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(build_trainer(make_cfg()).strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 _SAVE_FOREVER = """

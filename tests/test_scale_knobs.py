@@ -20,7 +20,7 @@ from tests.conftest import tiny_vit
 from vitlab.errors import ConfigError
 from vitlab.models import MlpMixer, ResNetV2, VisionTransformer, from_official_npz
 from vitlab.models.checkpoints import save_official_npz
-from vitlab.runs.tasks import build_backbone
+from vitlab.runs.build import build_backbone
 
 NUM_BLOCKS = 2
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from vitlab.training.signals import GracefulStop, Interrupted
+from vitlab.errors import Interrupted
+from vitlab.training.signals import GracefulStop
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACEFUL_STOP = "++callbacks.graceful_stop={_target_: vitlab.training.signals.GracefulStop, dirpath: ${paths.output_dir}/checkpoints}"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import wait_until_wandb_run_is_written
-from vitlab.reports.runs import read_wandb_run
+from vitlab.reports import read_wandb_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_vit
+from vitlab.runs.tasks import train
 from vitlab.training.callbacks import ImageThroughput
 from vitlab.training.classifier import ImageClassifier
 from vitlab.training.flops import count_flops
-from vitlab.runs.tasks import train
 
 QUICK = ("trainer.max_epochs=1", "trainer.limit_train_batches=3", "scheduler.warmup_steps=1")
 IMAGES = TensorDataset(torch.randn(24, 3, 16, 16), torch.randint(10, (24,)))

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from vitlab.errors import ConfigError, DataError
-from vitlab.runs.tasks import build_classifier, evaluate, train, unique_dir
+from vitlab.runs.build import build_classifier
+from vitlab.runs.folders import unique_dir
+from vitlab.runs.tasks import evaluate, train
 
 QUICK = (
     "trainer.max_epochs=1",
@@ -58,6 +60,21 @@ def test_eval_changes_one_field_of_the_saved_data_config(make_cfg, tmp_path):
     assert eval_cfg.data._target_ == "vitlab.data.DigitsDataModule", (
         "the rest comes from the checkpoint"
     )
+
+
+def test_eval_of_a_checkpoint_from_before_the_loss_key_keeps_its_label_smoothing(
+    make_cfg, tmp_path
+):
+    train(make_cfg("debug=fdr", "trainer.fast_dev_run=false", *QUICK))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    config = checkpoint["hyper_parameters"]["config"]
+    config["classifier"] = {"label_smoothing": 0.1}  # the old name of the `loss` node
+    del config["loss"]
+    torch.save(checkpoint, path)
+    eval_cfg = make_cfg(f"ckpt_path={path}", config_name="eval")
+    evaluate(eval_cfg)
+    assert eval_cfg.loss.label_smoothing == 0.1
 
 
 def test_checkpoints_load_with_weights_only(make_cfg, tmp_path):

@@ -31,6 +31,18 @@ class NonFiniteLossError(VitlabError, FloatingPointError):
     """The training loss became NaN or Inf: the run stops rather than train on garbage."""
 
 
+class Interrupted(VitlabError):
+    """Training was stopped by a signal after saving a checkpoint; the message says how to resume.
+
+    `exit_code` is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), the
+    status a shell or scheduler expects of a process that a signal ended.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def exit_with(err: VitlabError) -> NoReturn:
     """Print `err` alone and exit with status 2; with HYDRA_FULL_ERROR=1 raise it instead.
 

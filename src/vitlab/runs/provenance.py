@@ -11,8 +11,8 @@ import json
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 

@@ -4,23 +4,25 @@ Most values are checked where they are used (the model checks its patch size, th
 data module its batch, the schedule its warmup). What is left here: combinations
 only the whole run config can judge (a precision the accelerator cannot run), and
 values whose owners, torch's optimizers and Lightning's Trainer, would refuse late
-or obscurely (a non-positive learning rate, `max_steps=0`).
+or obscurely (a non-positive learning rate, `max_steps=0`), and keys that were renamed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from vitlab.errors import ConfigError
+from vitlab.errors import ConfigError, exit_with
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 # Lightning also takes 16-true / bf16-true / 64-true; these three are the sweep axis.
 CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
 # The SDPA kernels PyTorch has on the CPU (`model.attention_backend`).
 CPU_ATTENTION_BACKENDS = (None, "auto", "math", "flash")
+# Config keys that were renamed, old -> new: setting an old one fails, naming the new one.
+RENAMED_KEYS = {"classifier.label_smoothing": "loss.label_smoothing"}
 
 
 def runs_on_cpu(trainer: Mapping[str, Any], gpu_available: bool | None = None) -> bool:
@@ -72,12 +74,47 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_renamed_keys(keys: Iterable[str]) -> None:
+    """Refuse dotted keys that were renamed (or a node above one: `classifier={...}`), naming the new key."""
+    for key in keys:
+        for old, new in RENAMED_KEYS.items():
+            if key == old or old.startswith(f"{key}."):
+                raise ConfigError(f"{old} was renamed to {new}; set {new} instead")
+
+
+def refuse_renamed_overrides(argv: Sequence[str]) -> None:
+    """Exit with status 2 if a command-line override sets a renamed key, naming the new one.
+
+    For the entry points, before `hydra.main`: Hydra would refuse the old key only as
+    one it does not know (`Could not override ...`), without the new name.
+    """
+    keys = [
+        arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")
+    ]
+    try:
+        check_renamed_keys(keys)
+    except ConfigError as err:
+        exit_with(err)
+
+
+def _has_key(cfg: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def check_run(cfg: Mapping[str, Any]) -> None:
     """Refuse values whose owners (torch's optimizers, Lightning's Trainer) would fail late or obscurely.
 
     Each message names the key, the value and what would be valid. The model, the
     data, the classifier and the schedule check their own fields when they are built.
+    A renamed key (from a config file of the user's, or `+old.key=...`) is refused too:
+    nothing would read it.
     """
+    check_renamed_keys(old for old in RENAMED_KEYS if _has_key(cfg, old))
     optimizer = cfg.get("optimizer") or {}
     lr = optimizer.get("lr", 1.0)
     _require(is_number(lr) and lr > 0, "optimizer.lr", lr, "use a positive number, e.g. 1e-3")

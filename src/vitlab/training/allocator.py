@@ -1,13 +1,13 @@
 """Keep freed host memory in the process: glibc's malloc tuned for training.
 
 A training step allocates and frees the same large tensors every step:
-activations, gradients, the MLP's (tokens, mlp_dim) buffers (38 MB each for
-ViT-S/16 at batch 32). glibc's malloc serves every block above its mmap threshold
-(at most 32 MB) with a fresh `mmap` and unmaps it on free, and hands the free top
-of its heap back to the kernel; the next step then page-faults all of it in
-again, zeroed. On the 2-core development VM that was 40k-240k page faults and up
-to a second of system time per ViT-S/16 step, varying from step to step with the
-heap's layout, which also made benchmark rounds disagree.
+activations, gradients, the MLP's (tokens, mlp_dim) buffers. glibc's malloc
+serves every block above its mmap threshold (whose ceiling is below the size of
+those buffers at usual batch sizes) with a fresh `mmap` and unmaps it on free,
+and hands the free top of its heap back to the kernel; the next step then
+page-faults all of it in again, zeroed. On a small CPU machine that is a large
+share of each step's time, in system time, and it varies from step to step with
+the heap's layout, which also makes benchmark rounds disagree.
 
 `retain_freed_memory` makes malloc take every block from its heap and never
 trim it, so memory freed by one step is reused by the next, as PyTorch's CUDA
@@ -16,8 +16,7 @@ preloading jemalloc or tcmalloc configured to never decay. The heap settles
 after a few steps: PyTorch asks for 64-byte aligned blocks, glibc pads each such
 request, and a freed block serves the same request again once its neighbours'
 fragments are consolidated. The price: the process keeps its peak host memory
-until it exits. Measured on that VM, training ViT-S/16 (batch 32, one model):
-8.73 vs 6.66 img/s, 0.73M vs 3.1M page faults, peak RSS 3146 vs 3105 MB.
+until it exits (the speed page of the docs has the measurements).
 Only glibc (Linux) has these settings; elsewhere this does nothing. `extras.retain_freed_memory` (on by
 default) applies it when `src/train.py`, `src/eval.py` or `src/bench.py` start.
 """

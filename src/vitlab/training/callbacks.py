@@ -1,21 +1,23 @@
-"""Lightning callbacks vitlab configures by default (`conf/callbacks/default.yaml`)."""
+"""Lightning callbacks vitlab configures by default (`conf/callbacks/default.yaml`).
+
+`ImageThroughput` logs speed beside accuracy; `RNGState` makes a resumed run draw the
+random numbers the uninterrupted one would have. `GracefulStop` has a module of its
+own, `vitlab.training.signals`.
+"""
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
 
 from vitlab.training.flops import cached_peak_flops, count_flops, precision_dtype
-
-
-def images_in(batch: Any) -> int:
-    """Number of images in an `(images, labels)` batch."""
-    images = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(images.shape[0]) if isinstance(images, torch.Tensor) else len(images)
 
 
 class ImageThroughput(L.Callback):
@@ -32,9 +34,9 @@ class ImageThroughput(L.Callback):
     training step (forward, loss, backward; `vitlab.training.flops.count_flops`) are counted
     once, on the meta device, from the first batch's shape: no arithmetic, no effect
     on the run. The peak is `peak_flops` if given, else measured once per process
-    with a large matmul in the run's compute dtype (`vitlab.training.flops.cached_peak_flops`,
-    about half a second on a CPU). A module whose FLOPs cannot be counted, or a
-    precision with no single dtype, logs no MFU (with a warning) and trains on.
+    with a large matmul in the run's compute dtype (`vitlab.training.flops.cached_peak_flops`).
+    A module whose FLOPs cannot be counted, or a precision with no single dtype, logs
+    no MFU (with a warning) and trains on.
 
     Attributes:
         mfu: log `train/mfu` as well as `train/samples_per_sec`.
@@ -59,7 +61,7 @@ class ImageThroughput(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.mfu and self.flops_per_sample is None:
-            self._count(trainer, pl_module, batch)
+            self._count_flops_per_sample(trainer, pl_module, batch)
 
     def on_train_batch_end(
         self,
@@ -73,7 +75,7 @@ class ImageThroughput(L.Callback):
         if self._start is None:
             self._start = self._last
         else:
-            self._images += images_in(batch)
+            self._images += extract_batch_size(batch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is None or self._images == 0:
@@ -84,7 +86,9 @@ class ImageThroughput(L.Callback):
             mfu = per_device * self.flops_per_sample / self.peak_flops
             pl_module.log("train/mfu", mfu, on_epoch=True)
 
-    def _count(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+    def _count_flops_per_sample(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any
+    ) -> None:
         """Set the FLOPs per sample of a training step, and the peak if not given; else turn MFU off."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         try:
@@ -95,3 +99,55 @@ class ImageThroughput(L.Callback):
         except Exception as err:  # any module, any precision plugin: MFU is a nicety
             rank_zero_warn(f"ImageThroughput logs no train/mfu: {type(err).__name__}: {err}")
             self.mfu = False
+
+
+class RNGState(L.Callback):
+    """Save the global RNG states in every checkpoint; restore them when training resumes.
+
+    Between a training step and the checkpoint written after it nothing draws from
+    the global RNG: validation runs in eval mode, and vitlab's loaders draw order
+    and augmentation from their own seeds (`vitlab.data.samplers`). So the states at
+    saving time are those the next step would have used. They are stored as plain
+    tensors and lists, so checkpoints still load with `weights_only=True`; that is why
+    this is not Lightning's (private) `_collect_rng_states`, whose numpy state is an array.
+    """
+
+    def __init__(self) -> None:
+        self._to_restore: dict[str, Any] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["rng_state"] = _global_rng_states()
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._to_restore = checkpoint.get("rng_state")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._to_restore is not None:
+            _set_global_rng_states(self._to_restore)
+            self._to_restore = None
+
+
+def _global_rng_states() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -86,7 +86,10 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def _loss_and_log_metrics(
+        self, batch: tuple[torch.Tensor, torch.Tensor], split: str
+    ) -> torch.Tensor:
+        """The batch's mean loss; updates and logs the split's loss and accuracy."""
         images, labels = batch
         logits = self(images)
         losses = F.cross_entropy(
@@ -105,7 +108,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        loss = self._loss_and_log_metrics(batch, "train")
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at step {self.global_step} "
@@ -117,10 +120,10 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._loss_and_log_metrics(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._loss_and_log_metrics(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:

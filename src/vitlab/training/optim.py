@@ -56,7 +56,7 @@ def _named_modules_with_no_decay(model: nn.Module) -> Iterator[tuple[str, nn.Mod
             yield (f"{name}." if name else ""), module
 
 
-def _check_steps(warmup_steps: int, total_steps: int) -> None:
+def _check_warmup_steps(warmup_steps: int, total_steps: int) -> None:
     if warmup_steps < 0:
         raise ConfigError(f"scheduler.warmup_steps={warmup_steps} must be >= 0")
     if warmup_steps > total_steps:
@@ -80,7 +80,7 @@ def _warmup_then(
 
 def warmup_cosine(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
     """Linear warmup for `warmup_steps`, then half-cosine decay to 0 at `total_steps`."""
-    _check_steps(warmup_steps, total_steps)
+    _check_warmup_steps(warmup_steps, total_steps)
     return LambdaLR(
         optimizer,
         _warmup_then(lambda p: 0.5 * (1.0 + math.cos(math.pi * p)), warmup_steps, total_steps),
@@ -89,11 +89,11 @@ def warmup_cosine(optimizer: Optimizer, *, total_steps: int, warmup_steps: int =
 
 def warmup_linear(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
     """Linear warmup for `warmup_steps`, then linear decay to 0 at `total_steps`."""
-    _check_steps(warmup_steps, total_steps)
+    _check_warmup_steps(warmup_steps, total_steps)
     return LambdaLR(optimizer, _warmup_then(lambda p: 1.0 - p, warmup_steps, total_steps))
 
 
 def constant(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
     """Linear warmup for `warmup_steps`, then the base learning rate unchanged."""
-    _check_steps(warmup_steps, total_steps)
+    _check_warmup_steps(warmup_steps, total_steps)
     return LambdaLR(optimizer, _warmup_then(lambda p: 1.0, warmup_steps, total_steps))

@@ -25,6 +25,7 @@ import logging
 import shlex
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,26 +33,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vitlab.errors import VitlabError
-from vitlab.runs.multirun import job_overrides
+from vitlab.errors import Interrupted
 
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LAST_CHECKPOINT = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
 _RESUME_KEYS = ("ckpt_path=", "run_dir=", "resume=", "hydra.run.dir=")
-
-
-class Interrupted(VitlabError):
-    """Training was stopped by a signal after saving a checkpoint; the message says how to resume.
-
-    `exit_code` is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), the
-    status a shell or scheduler expects of a process that a signal ended.
-    """
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class GracefulStop(L.Callback):
@@ -63,10 +51,13 @@ class GracefulStop(L.Callback):
         interrupted_by: The signal's name (`"SIGTERM"`) if one stopped training, else None.
         checkpoint: The checkpoint written on the signal, else None.
         message: The one-line report (signal, step, checkpoint, how to resume), else None.
+        overrides: The run's command-line overrides (`["model=vit_s16", ...]`), repeated in
+            the resume command; `vitlab.runs.build` passes Hydra's.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, overrides: Sequence[str] = ()) -> None:
         self.dirpath = dirpath
+        self.overrides = list(overrides)
         self.interrupted_by: str | None = None
         self.checkpoint: Path | None = None
         self.message: str | None = None
@@ -128,20 +119,22 @@ class GracefulStop(L.Callback):
         path = Path(self.dirpath) / LAST_CHECKPOINT
         trainer.save_checkpoint(path)
         self.interrupted_by, self.checkpoint = name, path
-        run_dir = path.parent.parent
-        where = (
-            [f"run_dir={run_dir}", "ckpt_path=last"]
-            if path.parent.name == "checkpoints"
-            else [f"ckpt_path={path}"]
-        )
-        keep = (o for o in job_overrides() if not o.lstrip("+").startswith(_RESUME_KEYS))
-        resume = shlex.join(["python", "src/train.py", *keep, *where])
         self.message = (
             f"Stopped by {name} at step {trainer.global_step}; checkpoint: {path}. "
-            f"Resume with: {resume}"
+            f"Resume with: {self._resume_command(path)}"
         )
         log.warning(self.message)
         raise Interrupted(self.message, self._received or signal.SIGTERM)
+
+    def _resume_command(self, checkpoint: Path) -> str:
+        """The run's own command line, continued from `checkpoint` (in its run folder if it has one)."""
+        where = (
+            [f"run_dir={checkpoint.parent.parent}", "ckpt_path=last"]
+            if checkpoint.parent.name == "checkpoints"
+            else [f"ckpt_path={checkpoint}"]
+        )
+        keep = (o for o in self.overrides if not o.lstrip("+").startswith(_RESUME_KEYS))
+        return shlex.join(["python", "src/train.py", *keep, *where])
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
