@@ -113,7 +113,7 @@ def wait_until_wandb_run_is_written(path: Path, timeout_s: float = 20.0) -> Path
     `wandb.finish()` returns before wandb's service has flushed the file (its last
     block can arrive a moment later), so a test that reads it at once can see a tail missing.
     """
-    from vitlab.reports.runs import read_wandb_run
+    from vitlab.reports import read_wandb_run
 
     deadline = time.monotonic() + timeout_s
     while read_wandb_run(path).exit_code is None and time.monotonic() < deadline:

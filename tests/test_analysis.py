@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_vit
-from vitlab.models.analysis import attention_rollout, position_similarity
 from vitlab.models import MlpMixer
+from vitlab.models.analysis import attention_rollout, position_similarity
 
 
 def tiny_mixer() -> MlpMixer:

@@ -36,7 +36,7 @@ def test_vit_forward_flops_match_the_formula_attention_included():
     out = 2 * tokens * width * width
     mlp_flops = 2 * (2 * tokens * width * mlp)
     head = 2 * width * 10
-    # The last block runs for the class token only (`Block.forward(first_token_only=True)`): keys and
+    # The last block runs for the class token only (`models.fast.class_token_block`): keys and
     # values of every token, then one query, one output projection, one MLP row.
     last_block = (
         2 * tokens * width * 2 * width

@@ -24,8 +24,8 @@ from vitlab.models.pos_embed import (
     PosEmbed,
     SinCos2dPositionEmbedding,
 )
-from vitlab.training.optim import param_groups
 from vitlab.runs.build import build_backbone
+from vitlab.training.optim import param_groups
 
 KINDS = get_args(PosEmbed)
 POSITIONAL = [kind for kind in KINDS if kind != "none"]

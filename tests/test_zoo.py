@@ -67,7 +67,7 @@ def compose_model(config_dir: Path, name: str) -> DictConfig:
 
 
 def build(model_cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate as `vitlab.runs.tasks.build_backbone` does: resolved, `pretrained` popped first."""
+    """Instantiate as `vitlab.runs.build.build_backbone` does: resolved, `pretrained` popped first."""
     node = OmegaConf.to_container(model_cfg, resolve=True)
     node.pop("pretrained")
     with torch.device("meta"):

@@ -13,10 +13,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.bench.loops import BARE, FIT, INFER, LOOP_NAMES, Contender
+from vitlab.runs.multirun import config_choice
 
 # Each ratio: (model, loop) over (model, loop).
 RATIOS = {
@@ -92,11 +92,7 @@ def _contender_summary(contender: Contender, peak_flops: float) -> dict[str, Any
 
 def _model_name(cfg: DictConfig) -> str:
     """The `model=` choice (e.g. vit_s16) when Hydra composed the config, else the class name."""
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get("model")
-        if choice:
-            return str(choice)
-    return str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
+    return config_choice("model") or str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
 
 
 def write_report(report: dict[str, Any], output_dir: Path) -> str:

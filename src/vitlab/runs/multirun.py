@@ -58,6 +58,14 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def config_choice(group: str) -> str | None:
+    """The option Hydra composed for a config group (`model` -> "vit_s16"); None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get(group)
+    return str(choice) if choice else None
+
+
 def sweep_id() -> str | None:
     """The multirun folder's name (`2026-11-22_03-40-00`): one id shared by the jobs of a sweep."""
     return Path(HydraConfig.get().sweep.dir).name if is_multirun() else None
@@ -68,7 +76,7 @@ def is_global_zero() -> bool:
 
     Reads the rank Lightning keeps on `rank_zero_only` (from RANK / LOCAL_RANK /
     SLURM_PROCID when lightning is imported, then from the strategy), without
-    importing lightning here: `vitlab.reports.runs` uses this module.
+    importing lightning here: `vitlab.reports` uses this module.
     """
     return getattr(rank_zero_only, "rank", 0) == 0
 
@@ -175,7 +183,7 @@ class MultirunRanks(Callback):
 
 
 def _process_group_initialized() -> bool:
-    # torch is imported here, not with the module: `vitlab.reports.runs` reads STATUS_FILE.
+    # torch is imported here, not with the module: `vitlab.reports` reads STATUS_FILE.
     import torch.distributed
 
     return torch.distributed.is_available() and torch.distributed.is_initialized()

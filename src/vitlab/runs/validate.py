@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from vitlab.errors import ConfigError, exit_with
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -27,6 +25,8 @@ RENAMED_KEYS = {"classifier.label_smoothing": "loss.label_smoothing"}
 
 def runs_on_cpu(trainer: Mapping[str, Any], gpu_available: bool | None = None) -> bool:
     """Whether a trainer config runs on the CPU: `accelerator: cpu`, or `auto` with no CUDA GPU."""
+    import torch  # here, not with the module: vitlab.reports reads is_number and loads no torch
+
     gpu_available = torch.cuda.is_available() if gpu_available is None else gpu_available
     accelerator = str(trainer.get("accelerator", "auto"))
     return accelerator == "cpu" or (accelerator == "auto" and not gpu_available)
@@ -38,6 +38,8 @@ def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None)
     Lightning would accept `precision=16-mixed` on the CPU and run something other
     than what the user asked for; we say so instead of running it silently.
     """
+    import torch
+
     gpu_available = torch.cuda.is_available() if gpu_available is None else gpu_available
     accelerator = str(trainer.get("accelerator", "auto"))
     precision = str(trainer.get("precision", "32-true"))
