@@ -42,10 +42,20 @@ def test_constant_keeps_the_base_rate_after_warmup():
     assert _factors(constant, total_steps=6, warmup_steps=2) == pytest.approx([0.5, 1, 1, 1, 1, 1])
 
 
-def test_warmup_longer_than_the_run_is_refused():
+def test_warmup_longer_than_the_run_is_cut_to_it_with_one_warning():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ValueError, match="warmup_steps=50 is more than the 10 total"):
+    with pytest.warns(UserWarning, match=r"warmup_steps=50 is more than the 10 optimizer steps") as seen:
         warmup_cosine(optimizer, total_steps=10, warmup_steps=50)
+    assert len(seen) == 1
+    assert _factors(warmup_cosine, total_steps=10, warmup_steps=50) == pytest.approx(
+        _factors(warmup_cosine, total_steps=10, warmup_steps=10)
+    )
+
+
+def test_negative_warmup_is_refused():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="warmup_steps=-1 must be >= 0"):
+        constant(optimizer, total_steps=10, warmup_steps=-1)
 
 
 def test_weight_decay_skips_biases_norms_position_embedding_and_class_token():

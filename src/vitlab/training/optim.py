@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from vitlab.bounds import NonNegativeInt
 from vitlab.errors import ConfigError
 
 
@@ -56,14 +58,21 @@ def _named_modules_with_no_decay(model: nn.Module) -> Iterator[tuple[str, nn.Mod
             yield (f"{name}." if name else ""), module
 
 
-def _check_warmup_steps(warmup_steps: int, total_steps: int) -> None:
+def _warmup_within(warmup_steps: int, total_steps: int) -> int:
+    """`warmup_steps`, cut to `total_steps` (with one warning naming both) when the run is shorter.
+
+    A shorter run is the first change a user makes (`trainer.max_epochs=1`): it must
+    train with the default warmup rather than fail. A negative warmup is refused.
+    """
     if warmup_steps < 0:
         raise ConfigError(f"scheduler.warmup_steps={warmup_steps} must be >= 0")
     if warmup_steps > total_steps:
-        raise ConfigError(
-            f"scheduler.warmup_steps={warmup_steps} is more than the {total_steps} total "
-            f"optimizer steps of this run; use a value in [0, {total_steps}]"
+        rank_zero_warn(
+            f"scheduler.warmup_steps={warmup_steps} is more than the {total_steps} optimizer "
+            f"steps of this run: warming up for all {total_steps} steps instead"
         )
+        return total_steps
+    return warmup_steps
 
 
 def _warmup_then(
@@ -78,22 +87,28 @@ def _warmup_then(
     return factor
 
 
-def warmup_cosine(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+def warmup_cosine(
+    optimizer: Optimizer, *, total_steps: int, warmup_steps: NonNegativeInt = 0
+) -> LambdaLR:
     """Linear warmup for `warmup_steps`, then half-cosine decay to 0 at `total_steps`."""
-    _check_warmup_steps(warmup_steps, total_steps)
+    warmup_steps = _warmup_within(warmup_steps, total_steps)
     return LambdaLR(
         optimizer,
         _warmup_then(lambda p: 0.5 * (1.0 + math.cos(math.pi * p)), warmup_steps, total_steps),
     )
 
 
-def warmup_linear(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+def warmup_linear(
+    optimizer: Optimizer, *, total_steps: int, warmup_steps: NonNegativeInt = 0
+) -> LambdaLR:
     """Linear warmup for `warmup_steps`, then linear decay to 0 at `total_steps`."""
-    _check_warmup_steps(warmup_steps, total_steps)
+    warmup_steps = _warmup_within(warmup_steps, total_steps)
     return LambdaLR(optimizer, _warmup_then(lambda p: 1.0 - p, warmup_steps, total_steps))
 
 
-def constant(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+def constant(
+    optimizer: Optimizer, *, total_steps: int, warmup_steps: NonNegativeInt = 0
+) -> LambdaLR:
     """Linear warmup for `warmup_steps`, then the base learning rate unchanged."""
-    _check_warmup_steps(warmup_steps, total_steps)
+    warmup_steps = _warmup_within(warmup_steps, total_steps)
     return LambdaLR(optimizer, _warmup_then(lambda p: 1.0, warmup_steps, total_steps))
