@@ -44,12 +44,13 @@ class Interrupted(VitlabError):
 
 
 def exit_with(err: VitlabError) -> NoReturn:
-    """Print `err` alone and exit with status 2; with HYDRA_FULL_ERROR=1 raise it instead.
+    """Print `err` (and its notes, e.g. a crash checkpoint's resume command) and exit with status 2; with HYDRA_FULL_ERROR=1 raise it instead.
 
     For the places where Hydra, not vitlab, would report the error (it prints a
     traceback), such as a resolver refusing a run folder.
     """
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
-    print(f"\nError: {err}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+    notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", ()))
+    print(f"\nError: {err}{notes}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
     raise SystemExit(2)

@@ -64,6 +64,7 @@ from vitlab.bench.loops import (
 from vitlab.bench.machine import bench_device, describe_machine, load_average, peak_step_memory
 from vitlab.bench.report import bench_report, write_report
 from vitlab.bench.timm_models import timm_model
+from vitlab.bounds import Count, NonNegativeInt
 from vitlab.errors import ConfigError
 from vitlab.runs.build import build_classifier, build_trainer, compile_options, instantiate
 from vitlab.runs.tasks import prepare_run
@@ -87,11 +88,11 @@ class BenchSettings:
             None for `vitlab.training.flops.PEAK_MATMUL_SIZE` of the device.
     """
 
-    warmup_rounds: int = 1
-    rounds: int = 3
-    steps: int = 3
+    warmup_rounds: NonNegativeInt = 1
+    rounds: Count = 3
+    steps: Count = 3
     timm: bool = True
-    peak_matmul_size: int | None = None
+    peak_matmul_size: Count | None = None
 
     def __post_init__(self) -> None:
         for key, minimum in (("warmup_rounds", 0), ("rounds", 1), ("steps", 1)):
@@ -136,8 +137,8 @@ class Workload:
 def bench(cfg: DictConfig) -> dict[str, float]:
     """Measure the contenders (module docstring), write `bench.md` and `bench.json` into the
     run folder, print the table, and return the ratios."""
-    settings = BenchSettings(**OmegaConf.to_container(cfg.bench, resolve=True))
     check_run(cfg)
+    settings = BenchSettings(**OmegaConf.to_container(cfg.bench, resolve=True))
     device = bench_device(cfg.trainer)
     precision = str(cfg.trainer.precision)
     dtype = _compute_dtype(precision)

@@ -24,6 +24,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from vitlab.bounds import Count, NonNegative, NonNegativeInt, Size
 from vitlab.data.samplers import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -46,6 +47,21 @@ def _require_positive_int(key: str, value: int) -> None:
         raise ConfigError(f"data.{key}={value!r} must be a positive integer")
 
 
+def batch_split_problem(batch_size: int, world_size: int, accumulate: int) -> str | None:
+    """Why the global `batch_size` cannot split into world_size x accumulate micro-batches, or None."""
+    parts = world_size * accumulate
+    if batch_size % parts == 0:
+        return None
+    lower = batch_size // parts * parts
+    divide = f"{lower} or {lower + parts}" if lower else f"{lower + parts}"
+    return (
+        f"data.batch_size={batch_size} is the global batch and must split evenly into "
+        f"world size {world_size} (trainer.devices x trainer.num_nodes) x "
+        f"trainer.accumulate_grad_batches={accumulate} = {parts} micro-batches; "
+        f"use a multiple of {parts} (e.g. {divide}) or change the devices/accumulation"
+    )
+
+
 @dataclass(eq=False, repr=False, kw_only=True)
 class ImageDataModule(LightningDataModule):
     """Base for image-classification datamodules yielding `(images, labels)` batches.
@@ -64,21 +80,22 @@ class ImageDataModule(LightningDataModule):
         num_workers: DataLoader worker processes per device; 0 loads in the main process.
         image_size: side of the square images the model sees, in pixels.
         num_channels: image channels (3 for RGB, 1 for grey).
-        num_classes: number of labels.
+        num_classes: number of labels. Only a datamodule that reads its classes from the
+            disk (one with a `find_classes` static method) may leave it None until `setup`.
         pin_memory: page-lock batches for faster host-to-GPU copies (GPU runs only).
         mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (`MixupCutmix`),
             which then carry (b, num_classes) soft labels; 0.0 (off) by default.
     """
 
     data_dir: str = "data/"
-    batch_size: int
-    num_workers: int = 0
-    image_size: int
-    num_channels: int
-    num_classes: int
+    batch_size: Count
+    num_workers: NonNegativeInt = 0
+    image_size: Size
+    num_channels: Count
+    num_classes: Count | None
     pin_memory: bool = False
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    mixup_alpha: NonNegative = 0.0
+    cutmix_alpha: NonNegative = 0.0
 
     # Built by the subclass's `setup()`.
     train_set: Dataset = field(init=False)
@@ -92,18 +109,24 @@ class ImageDataModule(LightningDataModule):
                 f"data.num_workers={self.num_workers!r} must be 0 or a positive integer"
             )
         self.data_dir = Path(self.data_dir).expanduser().resolve()
-        for key in ("batch_size", "image_size", "num_channels", "num_classes"):
+        for key in ("batch_size", "image_size", "num_channels"):
             _require_positive_int(key, getattr(self, key))
+        if self.num_classes is not None or not hasattr(self, "find_classes"):
+            _require_positive_int("num_classes", self.num_classes)
         for key in ("mixup_alpha", "cutmix_alpha"):
             alpha = getattr(self, key)
             if not (isinstance(alpha, (int, float)) and alpha >= 0):
                 raise ConfigError(f"data.{key}={alpha!r} must be a number >= 0 (0 turns it off)")
-        self.mix = (
-            MixupCutmix(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
-            if self.mixup_alpha or self.cutmix_alpha
-            else None
-        )
         self._resume_state: dict[str, int] | None = None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each label, in label order; None: the dataset has no names.
+
+        The classifier saves them with its hyperparameters, so a checkpoint can name
+        its predictions.
+        """
+        return None
 
     @property
     def per_device_batch_size(self) -> int:
@@ -114,17 +137,10 @@ class ImageDataModule(LightningDataModule):
         attached = self.trainer is not None
         world_size = self.trainer.world_size if attached else 1
         accumulate = self.trainer.accumulate_grad_batches if attached else 1
+        problem = batch_split_problem(self.batch_size, world_size, accumulate)
+        if problem:
+            raise ConfigError(problem)
         parts = world_size * accumulate
-        if self.batch_size % parts:
-            lower = self.batch_size // parts * parts
-            higher = lower + parts
-            divide = f"{lower} or {higher}" if lower else f"{higher}"
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is the global batch and must split evenly into "
-                f"world size {world_size} (trainer.devices x trainer.num_nodes) x "
-                f"trainer.accumulate_grad_batches={accumulate} = {parts} micro-batches; "
-                f"use a multiple of {parts} (e.g. {divide}) or change the devices/accumulation"
-            )
         return self.batch_size // parts
 
     def train_dataloader(self) -> DataLoader:
@@ -177,10 +193,15 @@ class ImageDataModule(LightningDataModule):
     def _with_mixing(
         self, collate_fn: Callable[[list[Any]], Any] | None
     ) -> Callable[[list[Any]], Any] | None:
-        """`collate_fn` followed by Mixup / CutMix when they are on."""
-        if self.mix is None:
+        """`collate_fn` followed by Mixup / CutMix when they are on.
+
+        Built here, with the training loader, not at construction: by then `setup` has
+        set `num_classes` (the soft labels' length) for a datamodule that counts its classes.
+        """
+        if not (self.mixup_alpha or self.cutmix_alpha):
             return collate_fn
-        return partial(_collate_then, collate_fn=collate_fn or default_collate, then=self.mix)
+        mix = MixupCutmix(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+        return partial(_collate_then, collate_fn=collate_fn or default_collate, then=mix)
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position, saved by Lightning in every checkpoint."""
@@ -220,10 +241,10 @@ class InceptionCropDataModule(ImageDataModule):
         randaugment: (num_ops, magnitude) of RandAugment in training, or None (the original).
     """
 
-    batch_size: int = 512
-    num_workers: int = 8
-    image_size: int = 224
-    num_channels: int = 3
+    batch_size: Count = 512
+    num_workers: NonNegativeInt = 8
+    image_size: Size = 224
+    num_channels: Count = 3
     pin_memory: bool = True
     train_crop_scale: Sequence[float] = (0.05, 1.0)
     train_crop_ratio: Sequence[float] = (3 / 4, 4 / 3)

@@ -5,19 +5,37 @@ images, in file order) and tests on the official test set; so do these. Images
 are 32x32 and are upsampled by the crop/resize to `image_size` (224 or 384 for the
 paper's recipes). The data is looked for in `<data_dir>/cifar-10-batches-py/`
 (`cifar-100-python/`) and downloaded there in `prepare_data()` when `download` is on.
+CIFAR-10's class names are fixed here; CIFAR-100's are read from the downloaded `meta`.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from vitlab.bounds import Count
 from vitlab.data.base import InceptionCropDataModule
 from vitlab.errors import ConfigError, DataError
+
+# torchvision's order (`CIFAR10.classes`, from batches.meta): label i is the i-th name.
+CIFAR10_CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 class _Transformed(Dataset):
@@ -50,9 +68,9 @@ class CIFAR10DataModule(InceptionCropDataModule):
     name: ClassVar[str] = "CIFAR-10"
     dataset_num_classes: ClassVar[int] = 10
 
-    num_classes: int | None = None
+    num_classes: Count | None = None
     download: bool = True
-    val_size: int = 1000
+    val_size: Count = 1000
 
     def __post_init__(self) -> None:
         expected = self.dataset_num_classes
@@ -67,6 +85,11 @@ class CIFAR10DataModule(InceptionCropDataModule):
             )
         self.num_classes = expected
         super().__post_init__()
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The ten CIFAR-10 names, in label order."""
+        return list(CIFAR10_CLASS_NAMES)
 
     @property
     def folder(self) -> str:
@@ -119,3 +142,18 @@ class CIFAR100DataModule(CIFAR10DataModule):
     dataset_class = CIFAR100
     name = "CIFAR-100"
     dataset_num_classes = 100
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The fine label names from the downloaded `meta` file, as torchvision reads them.
+
+        None while the file is missing or unreadable: before the download (`prepare_data`),
+        or a broken dataset, which `setup` then reports.
+        """
+        meta = Path(self.folder) / self.dataset_class.meta["filename"]
+        try:
+            with meta.open("rb") as file:
+                names = pickle.load(file, encoding="latin1")[self.dataset_class.meta["key"]]
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
+            return None
+        return [str(name) for name in names]

@@ -22,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 
+from vitlab.bounds import Count, NonNegativeInt, Size
 from vitlab.data.base import ImageDataModule
 from vitlab.data.transforms import BatchRandomResizedCrop
 from vitlab.errors import ConfigError
@@ -48,15 +49,15 @@ class DigitsDataModule(ImageDataModule):
         split_seed: seed of the split, independent of the run's seed.
     """
 
-    batch_size: int = 64
-    image_size: int = 32
-    num_channels: int = 1
-    num_classes: int = 10
+    batch_size: Count = 64
+    image_size: Size = 32
+    num_channels: Count = 1
+    num_classes: Count = 10
     train_crop_scale: Sequence[float] = (0.9, 1.0)
     train_crop_ratio: Sequence[float] = (0.9, 1.1)
-    val_size: int = 200
-    test_size: int = 300
-    split_seed: int = 0
+    val_size: Count = 200
+    test_size: Count = 300
+    split_seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +70,11 @@ class DigitsDataModule(ImageDataModule):
                 f"data.num_channels={self.num_channels} is not valid for digits; use 1 (grey) or 3 (grey repeated as RGB)"
             )
         self.augment = BatchRandomResizedCrop(self.train_crop_scale, self.train_crop_ratio)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The digits "0" to "9": label i is the digit i."""
+        return [str(digit) for digit in range(10)]
 
     def setup(self, stage: str | None = None) -> None:
         digits = load_digits()

@@ -5,8 +5,9 @@
     <data_dir>/test/<class>/<image>.jpg     (optional; without it, val is also the test set)
 
 Class folders are sorted by name into label indices and must be the same in every
-split. The folders are checked when the datamodule is set up; images are decoded
-lazily, and one that cannot be read stops the run with its path.
+split; their names are the class names and their count is `num_classes` unless the
+config gives one. The folders are checked when the datamodule is set up; images are
+decoded lazily, and one that cannot be read stops the run with its path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from vitlab.bounds import Count
 from vitlab.data.base import InceptionCropDataModule
 from vitlab.errors import ConfigError, DataError
 
@@ -35,18 +37,40 @@ def load_image(path: str, mode: str) -> Image.Image:
         raise DataError(f"Cannot read image {path} ({err}); remove or replace the file") from err
 
 
+def _split_dir(data_dir: Path, split: str) -> Path:
+    """`<data_dir>/<split>`, which must exist."""
+    folder = data_dir / split
+    if not folder.is_dir():
+        raise DataError(
+            f"No {split}/ folder in {data_dir}/ (looked for {folder}/); "
+            f"expected the ImageNet layout {LAYOUT}"
+        )
+    return folder
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folder names in `folder`, sorted: their order gives the label indices."""
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    if not classes:
+        raise DataError(f"{folder}/ has no class folders; expected the ImageNet layout {LAYOUT}")
+    return classes
+
+
 @dataclass(eq=False, repr=False, kw_only=True)
 class ImageFolderDataModule(InceptionCropDataModule):
     """ImageNet-style folders of images, one folder per class.
 
     `data_dir` has no default: it is the folder that holds `train/` and `val/`.
+    Construction does not touch the disk; `class_names` and `setup` list `train/`.
 
     Attributes (beyond `InceptionCropDataModule`'s):
-        num_classes: must equal the number of class folders.
+        num_classes: None (the default) takes the number of class folders under
+            `train/` in `setup`; a number must equal it. The runs layer fills it from
+            the folders before building the model (`vitlab.runs.classes.fill_num_classes`).
     """
 
     data_dir: str = field()  # required: `field()` drops the inherited default
-    num_classes: int = 1000
+    num_classes: Count | None = None
 
     def __post_init__(self) -> None:
         if self.num_channels not in PIL_MODES:
@@ -56,45 +80,45 @@ class ImageFolderDataModule(InceptionCropDataModule):
         super().__post_init__()
         self.loader = partial(load_image, mode=PIL_MODES[self.num_channels])
 
+    @staticmethod
+    def find_classes(data_dir: str | Path) -> list[str]:
+        """The sorted class folder names of `<data_dir>/train`: label i is the i-th name.
+
+        A `DataError` naming the folder and the expected layout when `train/` is
+        missing or holds no class folders. Reads only the folder listing.
+        """
+        train_dir = _split_dir(Path(data_dir).expanduser().resolve(), "train")
+        return _class_folders(train_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class folder names under `train/`, in label order (read from the disk)."""
+        return self.find_classes(self.data_dir)
+
     def setup(self, stage: str | None = None) -> None:
-        train_dir = self._split_dir("train")
-        classes = self._class_folders(train_dir)
-        if len(classes) != self.num_classes:
+        classes = self.class_names
+        if self.num_classes is None:
+            self.num_classes = len(classes)
+        elif len(classes) != self.num_classes:
             raise ConfigError(
-                f"data.num_classes={self.num_classes} but {train_dir}/ has {len(classes)} class "
-                f"folders; set data.num_classes={len(classes)}"
+                f"data.num_classes={self.num_classes} but {self.data_dir / 'train'}/ has "
+                f"{len(classes)} class folders; set data.num_classes={len(classes)} "
+                "(or leave it null to take the folders' count)"
             )
         if stage in (None, "fit"):
-            self.train_set = self._image_folder(train_dir, classes, train=True)
+            self.train_set = self._image_folder(self.data_dir / "train", classes, train=True)
         if stage in (None, "fit", "validate"):
-            self.val_set = self._image_folder(self._split_dir("val"), classes, train=False)
+            self.val_set = self._image_folder(
+                _split_dir(self.data_dir, "val"), classes, train=False
+            )
         if stage in (None, "test"):
             test_dir = self.data_dir / "test"
-            split_dir = test_dir if test_dir.is_dir() else self._split_dir("val")
+            split_dir = test_dir if test_dir.is_dir() else _split_dir(self.data_dir, "val")
             self.test_set = self._image_folder(split_dir, classes, train=False)
-
-    def _split_dir(self, split: str) -> Path:
-        """`<data_dir>/<split>`, which must exist."""
-        folder = self.data_dir / split
-        if not folder.is_dir():
-            raise DataError(
-                f"No {split}/ folder in {self.data_dir}/ (looked for {folder}/); "
-                f"expected the ImageNet layout {LAYOUT}"
-            )
-        return folder
-
-    def _class_folders(self, folder: Path) -> list[str]:
-        """The class folder names in `folder`, sorted: their order gives the label indices."""
-        classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
-        if not classes:
-            raise DataError(
-                f"{folder}/ has no class folders; expected the ImageNet layout {LAYOUT}"
-            )
-        return classes
 
     def _image_folder(self, folder: Path, train_classes: list[str], train: bool) -> ImageFolder:
         """One split's `ImageFolder`, once its class folders are checked against train's."""
-        classes = self._class_folders(folder)
+        classes = _class_folders(folder)
         if classes != train_classes:
             only_train = sorted(set(train_classes) - set(classes))
             only_here = sorted(set(classes) - set(train_classes))

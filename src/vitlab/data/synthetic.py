@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
+from vitlab.bounds import Count, NonNegativeInt, Size
 from vitlab.data.base import ImageDataModule
 
 
@@ -26,13 +27,13 @@ class SyntheticDataModule(ImageDataModule):
         seed: seed of the generator; the data does not depend on the run's seed.
     """
 
-    batch_size: int = 32
-    image_size: int = 224
-    num_channels: int = 3
-    num_classes: int = 1000
-    num_samples: int = 256
-    num_eval_samples: int = 64
-    seed: int = 0
+    batch_size: Count = 32
+    image_size: Size = 224
+    num_channels: Count = 3
+    num_classes: Count = 1000
+    num_samples: Count = 256
+    num_eval_samples: Count = 64
+    seed: NonNegativeInt = 0
 
     def setup(self, stage: str | None = None) -> None:
         generator = torch.Generator().manual_seed(self.seed)

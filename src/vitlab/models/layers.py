@@ -83,19 +83,20 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
     )
 
 
-def patch_grid(image_size: int, patch_size: int, stem: nn.Module | None = None) -> tuple[int, int]:
-    """The (h, w) grid of patches over a square image, or over a stem's feature map of it.
+def patch_grid(image_size: int, patch_size: int, stem_stride: int | None = None) -> tuple[int, int]:
+    """The (h, w) grid of patches over a square image, or over the feature map of a stem of that stride.
 
     Raises ValueError naming `patch_size`, what it must divide and the patch sizes
-    that would, when the patches (or the stem's `stride`) do not tile the image.
+    that would, when the patches (or the stem's stride) do not tile the image.
+    `vitlab.runs.validate` calls it on the config, before the model is built.
     """
-    stride = getattr(stem, "stride", 1)
+    stride = stem_stride or 1
     feature_size = image_size // stride
     if image_size % stride or feature_size % patch_size:
         valid = [p for p in range(1, feature_size + 1) if feature_size % p == 0]
         where = (
             f"the stem's {feature_size}x{feature_size} feature map"
-            if stem
+            if stem_stride
             else f"image_size={image_size}"
         )
         raise ValueError(

@@ -20,6 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from vitlab.bounds import Count, NonNegativeInt, Size
 from vitlab.errors import ConfigError
 from vitlab.models import fast
 from vitlab.models.layers import (
@@ -109,18 +110,18 @@ class MlpMixer(nn.Module):
 
     def __init__(
         self,
-        image_size: int,
-        patch_size: int,
-        num_classes: int,
-        hidden_dim: int,
-        num_blocks: int,
-        tokens_mlp_dim: int,
-        channels_mlp_dim: int,
-        num_channels: int = 3,
+        image_size: Size,
+        patch_size: Size,
+        num_classes: NonNegativeInt,
+        hidden_dim: Size,
+        num_blocks: Count,
+        tokens_mlp_dim: Size,
+        channels_mlp_dim: Size,
+        num_channels: Count = 3,
         gelu_approximate: GeluApproximate = "tanh",
-        pos_embed: None = None,
+        pos_embed: str | None = None,  # refused unless None, by the model, with the reason
         grad_checkpointing: bool = False,
-        attention_backend: None = None,
+        attention_backend: str | None = None,  # likewise
         channels_last: bool = False,
     ) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.bounds import Count, Positive
 from vitlab.models import fast
 from vitlab.models.layers import lecun_normal_
 
@@ -165,7 +166,7 @@ class ResNetV2(nn.Module):
     """
 
     def __init__(
-        self, num_layers: Sequence[int], width_factor: float = 1.0, num_channels: int = 3
+        self, num_layers: Sequence[Count], width_factor: Positive = 1.0, num_channels: Count = 3
     ) -> None:
         super().__init__()
         self.num_layers = tuple(num_layers)
@@ -184,7 +185,12 @@ class ResNetV2(nn.Module):
             self.stages.append(ResNetStage(channels, block_size, width * 2**i, 1 if i == 0 else 2))
             channels = width * 2**i * 4
         self.out_channels = channels
-        self.stride = 4 * 2 ** max(len(self.num_layers) - 1, 0)
+        self.stride = self.stride_of(self.num_layers)
+
+    @staticmethod
+    def stride_of(num_layers: Sequence[int]) -> int:
+        """The downsampling of a stem with these stages: 4 for the root (conv /2, pool /2), x2 per later stage."""
+        return 4 * 2 ** max(len(num_layers) - 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (b, c, H, W) -> the feature map (b, out_channels, H / stride, W / stride)."""

@@ -29,6 +29,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from vitlab.bounds import Count, NonNegativeInt, Rate, Size
 from vitlab.models.layers import (
     LAYER_NORM_EPS,
     AttentionBackend,
@@ -82,30 +83,30 @@ class VisionTransformer(nn.Module):
 
     def __init__(
         self,
-        image_size: int,
-        patch_size: int,
-        num_classes: int,
-        hidden_size: int,
-        num_layers: int,
-        num_heads: int,
-        mlp_dim: int,
-        num_channels: int = 3,
+        image_size: Size,
+        patch_size: Size,
+        num_classes: NonNegativeInt,
+        hidden_size: Size,
+        num_layers: Count,
+        num_heads: Count,
+        mlp_dim: Size,
+        num_channels: Count = 3,
         classifier: Classifier = "token",
-        representation_size: int | None = None,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
+        representation_size: Size | None = None,
+        dropout_rate: Rate = 0.0,
+        attention_dropout_rate: Rate = 0.0,
         gelu_approximate: GeluApproximate = "tanh",
         stem: nn.Module | None = None,
         pos_embed: PosEmbed = "learned",
         grad_checkpointing: bool = False,
         attention_backend: AttentionBackend = "auto",
         channels_last: bool = False,
-        drop_path_rate: float = 0.0,
+        drop_path_rate: Rate = 0.0,
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
             raise ValueError(f"classifier={classifier!r} is not one of 'token', 'gap'")
-        self.grid = patch_grid(image_size, patch_size, stem)
+        self.grid = patch_grid(image_size, patch_size, stem.stride if stem else None)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_classes = num_classes

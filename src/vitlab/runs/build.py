@@ -10,6 +10,8 @@ command line it prints for resuming).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
@@ -65,8 +67,18 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     return backbone
 
 
-def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClassifier:
-    """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss."""
+def build_classifier(
+    cfg: DictConfig, with_optimizer: bool = True, class_names: Sequence[str] | None = None
+) -> ImageClassifier:
+    """Wrap the backbone in `ImageClassifier` with the configured optimizer, scheduler and loss.
+
+    `class_names` (the datamodule's) are saved in the checkpoint with the hyperparameters.
+    """
+    if class_names is not None and len(class_names) != cfg.data.num_classes:
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes} but the data has {len(class_names)} classes; "
+            f"set data.num_classes={len(class_names)} (or null for data that counts its classes)"
+        )
     scheduler = cfg.get("scheduler") if with_optimizer else None
     backbone = build_backbone(cfg.model)
     options = compile_options(cfg.get("compile"))
@@ -81,6 +93,7 @@ def build_classifier(cfg: DictConfig, with_optimizer: bool = True) -> ImageClass
             scheduler=scheduler,
             num_classes=cfg.data.num_classes,
             label_smoothing=cfg.get("loss", {}).get("label_smoothing", 0.0),
+            class_names=class_names,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     except ValueError as err:  # the loss's own fields, e.g. label_smoothing
@@ -116,9 +129,14 @@ def _run_fields(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:
     target = str(node.get("_target_", ""))
     if target.endswith("WandbLogger"):
         return _wandb_fields(node, cfg)
-    if target.endswith("GracefulStop") and "overrides" not in node:
+    if target.startswith("vitlab.") and "overrides" not in node and _takes(target, "overrides"):
         return {"overrides": job_overrides()}  # repeated in the command it prints for resuming
     return {}
+
+
+def _takes(target: str, name: str) -> bool:
+    """Whether the class or function `target` names has a parameter `name`."""
+    return name in inspect.signature(hydra.utils.get_object(target)).parameters
 
 
 def _wandb_fields(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:

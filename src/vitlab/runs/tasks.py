@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vitlab.errors import Interrupted, VitlabError, exit_with
 from vitlab.runs.build import build_classifier, build_trainer, instantiate
 from vitlab.runs.checkpoint_files import check_training_checkpoint, run_config_of
+from vitlab.runs.classes import fill_num_classes
 from vitlab.runs.console import print_config_tree, print_metrics
+from vitlab.runs.failures import log_traceback, one_line
 from vitlab.runs.multirun import is_multirun, record_status
 from vitlab.runs.provenance import record_provenance
 from vitlab.runs.resume import resolve_ckpt_path
@@ -59,6 +62,7 @@ def train(cfg: DictConfig) -> float | None:
     The final metrics also go to `<run>/metrics.json`.
     """
     with _wandb_run_closed_after():
+        fill_num_classes(cfg)
         check_run(cfg)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
         if ckpt_path:
@@ -66,7 +70,7 @@ def train(cfg: DictConfig) -> float | None:
             log.info("Resuming from %s", ckpt_path)
         prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
-        model = build_classifier(cfg)
+        model = build_classifier(cfg, class_names=datamodule.class_names)
         trainer = build_trainer(cfg)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = scalar_metrics(trainer.callback_metrics)
@@ -85,6 +89,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint. The model and data come from the run config saved in the checkpoint
     unless the command line picks others (`model=...`, `data=...`); `+data.batch_size=...`
     changes one field of the saved data config."""
+    check_run(cfg)  # the eval keys, `ckpt_path` first: the rest comes from the checkpoint
     run_cfg = run_config_of(cfg.ckpt_path)
     with open_dict(cfg):
         for key in ("model", "data"):
@@ -93,10 +98,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 cfg[key] = OmegaConf.merge(run_cfg[key], chosen or {})
         # Runs saved before `loss` was named so kept their label smoothing under `classifier`.
         cfg.loss = run_cfg.get("loss", run_cfg.get("classifier", {}))
+    fill_num_classes(cfg)
+    check_run(cfg)
     with _wandb_run_closed_after():
         prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
-        model = build_classifier(cfg, with_optimizer=False)
+        model = build_classifier(cfg, with_optimizer=False, class_names=datamodule.class_names)
         trainer = build_trainer(cfg)
         trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         metrics = scalar_metrics(trainer.callback_metrics)
@@ -145,7 +152,9 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run `train` or `evaluate` and record the outcome in `<run>/status.json`.
 
     A `VitlabError` (the user's mistake) becomes a short message and exit status 2;
-    HYDRA_FULL_ERROR=1 shows the traceback instead. Inside a multirun a failed job
+    any other exception one line naming where it came from (`vitlab.runs.failures`),
+    its traceback in the run's log file, and exit status 1. HYDRA_FULL_ERROR=1 shows
+    the traceback instead. Inside a multirun a failed job
     (any exception, a NaN loss included) is logged and returns NaN so that the
     other jobs still run; `vitlab.runs.multirun.SweepSummary` then fails the sweep. A run
     stopped by SIGTERM or Ctrl+C (`vitlab.training.signals.GracefulStop`) has saved `last.ckpt`
@@ -160,16 +169,20 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         raise SystemExit(err.exit_code) from None
     except Exception as err:
         record_status(output_dir, "failed", error=f"{type(err).__name__}: {err}")
+        expected = isinstance(err, VitlabError)
+        files = [] if expected else log_traceback(err)
         if is_multirun():
-            log.error(
-                "Job failed: %s: %s",
-                type(err).__name__,
-                err,
-                exc_info=not isinstance(err, VitlabError),
-            )
+            log.error("Job failed: %s", str(err) if expected else one_line(err))
             return float("nan")
-        if isinstance(err, VitlabError):
+        if expected:
             exit_with(err)
-        raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        where = f"the traceback is in {files[0]}" if files else "the traceback was not logged"
+        print(
+            f"\nError: {one_line(err)}\n({where}; HYDRA_FULL_ERROR=1 shows it here)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     record_status(output_dir, "completed")
     return result

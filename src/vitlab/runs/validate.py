@@ -1,18 +1,28 @@
-"""Config checks that no object owns, run before anything is built.
+"""One validation step for a whole run config, before anything is built: every problem at once.
 
-Most values are checked where they are used (the model checks its patch size, the
-data module its batch, the schedule its warmup). What is left here: combinations
-only the whole run config can judge (a precision the accelerator cannot run), and
-values whose owners, torch's optimizers and Lightning's Trainer, would refuse late
-or obscurely (a non-positive learning rate, `max_steps=0`), and keys that were renamed.
+Three kinds of check, in this order:
+- the schema (`vitlab.runs.schema`): every key of every node against the signature
+  of the class it configures, or the dataclass that mirrors it (`vitlab.runs.settings`):
+  types, the bounds and choices the signatures declare, unknown keys, missing values;
+- `RULES`: bounds of third-party arguments whose signatures say only "int" or
+  "float" (torch's optimizers, Lightning's Trainer), keyed by their config key;
+- cross-key rules: the patch size divides the image (or the stem's map), the heads
+  divide the width, the global batch splits over devices x nodes x accumulation, the
+  precision and attention kernel exist on this machine, a renamed key is not used.
+
+`check_run` raises one `ConfigError` listing every problem, each naming the key,
+the value and what would be valid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vitlab.errors import ConfigError, exit_with
+from vitlab.runs import settings
+from vitlab.runs.schema import Problem, check_node, plain
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 # Lightning also takes 16-true / bf16-true / 64-true; these three are the sweep axis.
@@ -66,11 +76,6 @@ def check_trainer(trainer: Mapping[str, Any], gpu_available: bool | None = None)
         )
 
 
-def _require(condition: bool, key: str, value: Any, valid: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}={value!r} is not valid; {valid}")
-
-
 def is_number(value: Any) -> bool:
     """An int or a float, not a bool (which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -99,48 +104,251 @@ def refuse_renamed_overrides(argv: Sequence[str]) -> None:
         exit_with(err)
 
 
-def _has_key(cfg: Mapping[str, Any], dotted: str) -> bool:
-    node: Any = cfg
+@dataclass(frozen=True)
+class Rule:
+    """A bound that a third-party signature does not declare: `check(value)` and what is valid."""
+
+    check: Callable[[Any], bool]
+    valid: str
+
+
+def _at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f"must be >= {low}")
+
+
+def _count_or_unlimited(none_ok: bool) -> Rule:
+    words = "a positive number, or -1" + (" (or null)" if none_ok else "") + " for no limit"
+    return Rule(lambda v: v is None or v == -1 or v >= 1, f"use {words}")
+
+
+_POSITIVE = Rule(lambda v: v > 0, "use a positive number, e.g. 1e-3")
+_NON_NEGATIVE = Rule(lambda v: v >= 0, "use a number >= 0")
+_FRACTION = Rule(lambda v: 0 <= v < 1, "use a number in [0, 1)")
+_BATCHES = Rule(
+    lambda v: v >= 0 and (isinstance(v, int) or v <= 1),
+    "use a fraction in [0, 1] of the split or a whole number of batches >= 0",
+)
+
+# Keyed by config key; applied once the value has the type its signature asks for.
+RULES: dict[str, Rule] = {
+    "optimizer.lr": _POSITIVE,
+    "optimizer.weight_decay": _NON_NEGATIVE,
+    "optimizer.momentum": _FRACTION,
+    "optimizer.eps": _POSITIVE,
+    "optimizer.betas": Rule(lambda v: all(0 <= b < 1 for b in v), "use two numbers in [0, 1)"),
+    "trainer.max_epochs": _count_or_unlimited(none_ok=True),
+    "trainer.max_steps": _count_or_unlimited(none_ok=False),
+    "trainer.accumulate_grad_batches": _at_least(1),
+    "trainer.num_nodes": _at_least(1),
+    "trainer.devices": Rule(
+        lambda v: (v == -1 or v >= 1) if isinstance(v, int) else _device_list(v),
+        "use a number of devices >= 1, -1 for all, auto, or GPU indices ([0, 1] or '0,1')",
+    ),
+    "trainer.log_every_n_steps": _at_least(1),
+    "trainer.check_val_every_n_epoch": Rule(lambda v: v is None or v >= 1, "use >= 1 or null"),
+    "trainer.gradient_clip_val": Rule(lambda v: v is None or v >= 0, "use a number >= 0 or null"),
+    "trainer.gradient_clip_algorithm": Rule(
+        lambda v: v in (None, "norm", "value"), "use one of 'norm', 'value' or null"
+    ),
+    "trainer.accelerator": Rule(
+        lambda v: not isinstance(v, str) or v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+        "use one of 'auto', 'cpu', 'gpu', 'cuda', 'mps', 'tpu'",
+    ),
+    "trainer.limit_train_batches": _BATCHES,
+    "trainer.limit_val_batches": _BATCHES,
+    "trainer.limit_test_batches": _BATCHES,
+}
+
+# The nodes that configure no class, by entry point (`task_name`), and the dataclass each mirrors.
+SETTINGS = {"train": settings.TrainSettings, "eval": settings.EvalSettings}
+NODES = {"loss": settings.Loss, "extras": settings.Extras, "paths": settings.Paths}
+# Nodes of `_target_` nodes, one per entry (`callbacks.model_checkpoint`, `logger.csv`).
+COLLECTIONS = ("callbacks", "logger")
+# Keys of a `_target_` node that the runs layer reads before building it.
+CONSUMED = {"model": ("pretrained",)}
+
+
+def check_run(cfg: Any, gpu_available: bool | None = None) -> None:
+    """Check every key of a composed run config and raise one `ConfigError` listing every problem.
+
+    Runs before anything is built (the datamodule, the model, the trainer) and reads
+    no files but a resumed checkpoint's config.
+    """
+    problems: list[Problem | str] = []
+    values = plain(cfg, problems) if not isinstance(cfg, dict) else dict(cfg)
+    problems += [str(p) for p in _renamed_problems(values)]
+    _check_schema(values, problems)
+    problems += _rule_problems(values)
+    problems += _cross_key_problems(values, gpu_available)
+    if problems:
+        lines = [str(p) for p in dict.fromkeys(map(str, problems))]
+        if len(lines) == 1:
+            raise ConfigError(lines[0])
+        raise ConfigError(
+            f"{len(lines)} problems in the config (nothing was built):\n"
+            + "\n".join(f"  - {line}" for line in lines)
+        )
+
+
+def _renamed_problems(values: Mapping[str, Any]) -> list[str]:
+    found = []
+    for old, new in RENAMED_KEYS.items():
+        if _lookup(values, old) is not _ABSENT:
+            found.append(f"{old} was renamed to {new}; set {new} instead")
+    return found
+
+
+def _check_schema(values: Mapping[str, Any], problems: list[Any]) -> None:
+    task = values.get("task_name")
+    top = SETTINGS.get(task, settings.BenchRunSettings if task == "bench" else None)
+    groups = {}
+    for name, node in values.items():
+        if not isinstance(node, Mapping):
+            continue
+        groups[name] = node
+        if name in NODES:
+            check_node(node, name, problems, target=NODES[name])
+        elif name == "bench":
+            from vitlab.bench.race import BenchSettings
+
+            check_node(node, name, problems, target=BenchSettings)
+        elif name in COLLECTIONS:
+            for entry, child in node.items():
+                if isinstance(child, Mapping) and "_target_" in child:
+                    check_node(child, f"{name}.{entry}", problems)
+        elif "_target_" in node:
+            check_node(node, name, problems, allowed=CONSUMED.get(name, ()))
+    if top is not None:
+        scalars = {k: v for k, v in values.items() if k not in groups and k != "hydra"}
+        scalars = {k: v for k, v in scalars.items() if k not in ("classifier",) or v is not None}
+        check_node(scalars, "", problems, target=top)
+
+
+_ABSENT = object()
+
+
+def _lookup(values: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = values
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return False
+            return _ABSENT
         node = node[part]
-    return True
+    return node
 
 
-def check_run(cfg: Mapping[str, Any]) -> None:
-    """Refuse values whose owners (torch's optimizers, Lightning's Trainer) would fail late or obscurely.
+def _rule_problems(values: Mapping[str, Any]) -> list[str]:
+    found = []
+    for key, rule in RULES.items():
+        value = _lookup(values, key)
+        if value is _ABSENT or not _fits_rule_type(value):
+            continue  # absent, or already refused by its type
+        try:
+            ok = rule.check(value)
+        except TypeError:  # a value of a type the signature allows but the rule does not judge
+            continue
+        if not ok:
+            found.append(str(Problem(key, value, rule.valid)))
+    return found
 
-    Each message names the key, the value and what would be valid. The model, the
-    data, the classifier and the schedule check their own fields when they are built.
-    A renamed key (from a config file of the user's, or `+old.key=...`) is refused too:
-    nothing would read it.
-    """
-    check_renamed_keys(old for old in RENAMED_KEYS if _has_key(cfg, old))
-    optimizer = cfg.get("optimizer") or {}
-    lr = optimizer.get("lr", 1.0)
-    _require(is_number(lr) and lr > 0, "optimizer.lr", lr, "use a positive number, e.g. 1e-3")
-    weight_decay = optimizer.get("weight_decay", 0.0)
-    _require(
-        is_number(weight_decay) and weight_decay >= 0,
-        "optimizer.weight_decay",
-        weight_decay,
-        "use a number >= 0",
-    )
-    trainer = cfg.get("trainer") or {}
-    backend = (cfg.get("model") or {}).get("attention_backend")
-    on_cpu = runs_on_cpu(trainer)
-    _require(
-        not on_cpu or backend in CPU_ATTENTION_BACKENDS,
-        "model.attention_backend",
-        backend,
-        "this run is on the CPU, which has only the auto, math and flash kernels",
-    )
-    for key in ("max_steps", "max_epochs"):
-        value = trainer.get(key, -1)
-        _require(
-            value is None or value == -1 or (is_number(value) and value > 0),
-            f"trainer.{key}",
-            value,
-            "use a positive number, or -1 for no limit",
+
+def _device_list(value: Any) -> bool:
+    """auto, or device indices as Lightning takes them: [0, 1] or "0,1"."""
+    if isinstance(value, list):
+        return all(isinstance(v, int) and v >= 0 for v in value)
+    return value == "auto" or all(part.strip().isdigit() for part in str(value).split(","))
+
+
+def _fits_rule_type(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(is_number(v) for v in value)
+    return value is None or is_number(value) or isinstance(value, str)
+
+
+def _cross_key_problems(values: Mapping[str, Any], gpu_available: bool | None) -> list[str]:
+    model = values.get("model") or {}
+    data = values.get("data") or {}
+    trainer = values.get("trainer") or {}
+    found = [*_patch_problems(model), *_head_problems(model), *_batch_problems(data, trainer)]
+    try:
+        check_trainer(trainer, gpu_available)
+    except ConfigError as err:
+        found.append(str(err))
+    devices = trainer.get("devices", 1)
+    if runs_on_cpu(trainer, gpu_available) and not (devices == "auto" or _ints(devices)):
+        found.append(
+            str(Problem("trainer.devices", devices, "on the CPU use a number of processes >= 1"))
         )
+    backend = model.get("attention_backend")
+    if (
+        isinstance(trainer.get("accelerator", "auto"), str)
+        and runs_on_cpu(trainer, gpu_available)
+        and backend not in CPU_ATTENTION_BACKENDS
+    ):
+        found.append(
+            str(
+                Problem(
+                    "model.attention_backend",
+                    backend,
+                    "this run is on the CPU, which has only the auto, math and flash kernels",
+                )
+            )
+        )
+    return found
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def _patch_problems(model: Mapping[str, Any]) -> list[str]:
+    """The patches tile the image, or the stem's feature map of it (`layers.patch_grid`)."""
+    from vitlab.models.layers import patch_grid
+
+    image_size, patch_size = model.get("image_size"), model.get("patch_size")
+    stem = model.get("stem")
+    stride = _stem_stride(stem) if isinstance(stem, Mapping) else None
+    if not _ints(image_size, patch_size) or (isinstance(stem, Mapping) and stride is None):
+        return []
+    try:
+        patch_grid(image_size, patch_size, stride)
+    except ValueError as err:
+        return [f"model.patch_size={patch_size} is not valid: {err}"]
+    return []
+
+
+def _stem_stride(stem: Mapping[str, Any]) -> int | None:
+    import hydra.utils
+
+    try:
+        stride_of = hydra.utils.get_object(str(stem.get("_target_"))).stride_of
+        return stride_of(**{k: v for k, v in stem.items() if k == "num_layers"})
+    except Exception:  # no such class (refused by the schema), or a stem without `stride_of`
+        return None
+
+
+def _head_problems(model: Mapping[str, Any]) -> list[str]:
+    width, heads = model.get("hidden_size"), model.get("num_heads")
+    if _ints(width, heads) and width % heads:
+        valid = [h for h in range(1, width + 1) if width % h == 0]
+        return [
+            f"model.num_heads={heads} is not valid: hidden_size={width} is not divisible by "
+            f"num_heads={heads}; head counts that divide it: {valid}"
+        ]
+    return []
+
+
+def _batch_problems(data: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[str]:
+    """The global batch splits over devices x nodes x accumulation (`ImageDataModule`'s rule)."""
+    from vitlab.data.base import batch_split_problem
+
+    devices = trainer.get("devices", 1)
+    devices = len(devices) if isinstance(devices, list) else devices
+    if str(devices) == "auto":
+        devices = 1 if runs_on_cpu(trainer) else None
+    batch = data.get("batch_size")
+    nodes = trainer.get("num_nodes", 1)
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not _ints(batch, devices, nodes, accumulate):
+        return []  # refused by type or range already, or a device count known only later
+    problem = batch_split_problem(batch, devices * nodes, accumulate)
+    return [problem] if problem else []

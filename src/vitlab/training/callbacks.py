@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from vitlab.bounds import Positive
 from vitlab.training.flops import cached_peak_flops, count_flops, precision_dtype
 
 
@@ -44,7 +45,7 @@ class ImageThroughput(L.Callback):
             H100's dense bf16), or None to measure it.
     """
 
-    def __init__(self, mfu: bool = True, peak_flops: float | None = None) -> None:
+    def __init__(self, mfu: bool = True, peak_flops: Positive | None = None) -> None:
         if peak_flops is not None and not peak_flops > 0:
             raise ValueError(f"callbacks.throughput.peak_flops={peak_flops!r} must be > 0 or null")
         self.mfu = mfu

@@ -12,7 +12,7 @@ values are saved as hyperparameters: checkpoints load with `weights_only=True`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -43,6 +43,9 @@ class ImageClassifier(L.LightningModule):
             every optimizer step; None for a constant learning rate.
         num_classes: number of classes (for the metrics).
         label_smoothing: cross-entropy label smoothing in [0, 1).
+        class_names: the name of each label, in label order (the datamodule's
+            `class_names`), or None. Saved with the hyperparameters as a list of str,
+            so a checkpoint can name its predictions; must have num_classes entries.
         config: the run's resolved config as plain data. It is saved with the
             hyperparameters, so a checkpoint alone rebuilds its model (`src/eval.py`)
             and every logger records the whole config.
@@ -56,10 +59,18 @@ class ImageClassifier(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         config: dict[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        if class_names is not None:
+            class_names = list(class_names)  # plain data: saved below, loads with weights_only
+            if len(class_names) != num_classes:
+                raise ValueError(
+                    f"class_names has {len(class_names)} names but num_classes={num_classes}; "
+                    "give one name per class"
+                )
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer
