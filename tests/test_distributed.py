@@ -39,7 +39,7 @@ TINY = (
     "model.num_layers=2",
     "model.num_heads=2",
     "model.mlp_dim=64",
-    "scheduler.warmup_steps=1",
+    # No scheduler.warmup_steps: the default warmup is cut to the run's few steps.
     "callbacks.progress_bar=null",
 )
 # Each rank writes <run folder>/rank<r>.json: its rank, the world size and its resolved config.

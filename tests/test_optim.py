@@ -44,7 +44,9 @@ def test_constant_keeps_the_base_rate_after_warmup():
 
 def test_warmup_longer_than_the_run_is_cut_to_it_with_one_warning():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.warns(UserWarning, match=r"warmup_steps=50 is more than the 10 optimizer steps") as seen:
+    with pytest.warns(
+        UserWarning, match=r"warmup_steps=50 is more than the 10 optimizer steps"
+    ) as seen:
         warmup_cosine(optimizer, total_steps=10, warmup_steps=50)
     assert len(seen) == 1
     assert _factors(warmup_cosine, total_steps=10, warmup_steps=50) == pytest.approx(

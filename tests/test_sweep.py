@@ -21,7 +21,7 @@ TINY = [
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
-    "scheduler.warmup_steps=1",
+    # No scheduler.warmup_steps: the default warmup (100) is cut to these 3 steps.
 ]
 
 
@@ -55,6 +55,16 @@ def tiny_grid(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         sweep_dir, "sweep=patch_pos_precision", "model.pos_embed=learned,sincos2d", *TINY
     )
     return sweep_dir, result
+
+
+def test_a_one_epoch_sweep_of_two_jobs_trains_on_the_default_config(tmp_path):
+    """What a newcomer's first sweep looks like: nothing but the axis and a shorter run."""
+    sweep_dir = tmp_path / "sweep"
+    result = _multirun(sweep_dir, "model.patch_size=4,8", "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [_status(job)["status"] for job in jobs] == ["completed", "completed"]
+    assert "warming up for all" in result.stderr + result.stdout
 
 
 def test_grid_sweep_runs_every_job_of_the_overridden_grid(tiny_grid):

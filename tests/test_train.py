@@ -23,6 +23,17 @@ QUICK = (
 )
 
 
+@pytest.mark.parametrize("shorter", ["trainer.max_epochs=1", "trainer.max_steps=3"])
+def test_a_shorter_run_trains_on_the_default_config(make_cfg, tmp_path, shorter):
+    """A newcomer's first edit: the default warmup (100 steps) is cut to the run, with a warning."""
+    with pytest.warns(
+        UserWarning, match=r"scheduler.warmup_steps=100 is more than the \d+ optimizer steps"
+    ):
+        train(make_cfg(shorter, "callbacks.progress_bar=null"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/acc"] >= 0.0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_fast_dev_run_trains_and_tests_one_batch(make_cfg, tmp_path):
     cfg = make_cfg("debug=fdr")
     train(cfg)

@@ -168,11 +168,12 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         print(f"\n{err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except Exception as err:
-        record_status(output_dir, "failed", error=f"{type(err).__name__}: {err}")
+        notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", ()))
+        record_status(output_dir, "failed", error=f"{type(err).__name__}: {err}{notes}")
         expected = isinstance(err, VitlabError)
         files = [] if expected else log_traceback(err)
         if is_multirun():
-            log.error("Job failed: %s", str(err) if expected else one_line(err))
+            log.error("Job failed: %s", f"{err}{notes}" if expected else one_line(err))
             return float("nan")
         if expected:
             exit_with(err)

@@ -119,7 +119,7 @@ class RNGState(L.Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["rng_state"] = _global_rng_states()
+        checkpoint["rng_state"] = global_rng_states()
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -128,11 +128,11 @@ class RNGState(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._to_restore is not None:
-            _set_global_rng_states(self._to_restore)
+            set_global_rng_states(self._to_restore)
             self._to_restore = None
 
 
-def _global_rng_states() -> dict[str, Any]:
+def global_rng_states() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -144,7 +144,7 @@ def _global_rng_states() -> dict[str, Any]:
     return state
 
 
-def _set_global_rng_states(state: dict[str, Any]) -> None:
+def set_global_rng_states(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))

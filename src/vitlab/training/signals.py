@@ -114,22 +114,27 @@ class GracefulStop(L.Callback):
         self.interrupted_by, self.checkpoint = name, path
         self.message = (
             f"Stopped by {name} at step {trainer.global_step}; checkpoint: {path}. "
-            f"Resume with: {self._resume_command(path)}"
+            f"Resume with: {resume_command(path, self.overrides)}"
         )
         log.warning(self.message)
         raise Interrupted(self.message, self._received or signal.SIGTERM)
-
-    def _resume_command(self, checkpoint: Path) -> str:
-        """The run's own command line, continued from `checkpoint` (in its run folder if it has one)."""
-        where = (
-            [f"run_dir={checkpoint.parent.parent}", "ckpt_path=last"]
-            if checkpoint.parent.name == "checkpoints"
-            else [f"ckpt_path={checkpoint}"]
-        )
-        keep = (o for o in self.overrides if not o.lstrip("+").startswith(_RESUME_KEYS))
-        return shlex.join(["python", "src/train.py", *keep, *where])
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+
+
+def resume_command(checkpoint: Path, overrides: Sequence[str]) -> str:
+    """The run's command line (`overrides`), continued from `checkpoint`, in its run folder if it has one.
+
+    The keys that chose where the run started (`ckpt_path`, `run_dir`, `resume`,
+    `hydra.run.dir`) are dropped: the command names its own.
+    """
+    where = (
+        [f"run_dir={checkpoint.parent.parent}", "ckpt_path=last"]
+        if checkpoint.parent.name == "checkpoints"
+        else [f"ckpt_path={checkpoint}"]
+    )
+    keep = (o for o in overrides if not o.lstrip("+").startswith(_RESUME_KEYS))
+    return shlex.join(["python", "src/train.py", *keep, *where])
