@@ -281,3 +281,16 @@ def test_a_renamed_key_in_the_config_is_refused_naming_its_new_name(make_cfg):
         ConfigError, match=r"classifier.label_smoothing was renamed to loss.label_smoothing"
     ):
         train(make_cfg("+classifier.label_smoothing=0.1"))
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_keys_that_differ(make_cfg, tmp_path):
+    short = ("trainer.max_steps=1", "trainer.limit_val_batches=1", "test=false")
+    train(make_cfg(*short, "callbacks.progress_bar=null"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a model with hidden_size=64, .*this run's has model.hidden_size=32",
+    ):
+        train(make_cfg(*short, f"ckpt_path={last}", "model.hidden_size=32", "trainer.max_steps=2"))
+    with pytest.raises(ConfigError, match=r"holds a model with .*model.num_layers="):
+        evaluate(make_cfg(f"ckpt_path={last}", "model=vit_s16", config_name="eval"))

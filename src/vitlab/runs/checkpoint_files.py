@@ -9,6 +9,7 @@ rather than failing deep inside Lightning's loading.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,44 @@ def check_training_checkpoint(ckpt_path: str) -> None:
         )
 
 
+# Model keys that change how the model runs, not its weights: a resumed or evaluated
+# checkpoint may differ in them.
+RUN_KNOBS = frozenset(
+    {
+        "pretrained",
+        "grad_checkpointing",
+        "attention_backend",
+        "channels_last",
+        "dropout_rate",
+        "attention_dropout_rate",
+        "drop_path_rate",
+    }
+)
+
+
+def check_model_matches(ckpt_path: str, model: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose model differs from the configured one in a key its weights depend on.
+
+    Lightning would fail on the first mismatched tensor, deep in `load_state_dict`;
+    this names every key that differs, with both values.
+    """
+    saved = run_config_of(ckpt_path).get("model") or {}
+    keys = (set(saved) | set(model)) - RUN_KNOBS
+    differ = sorted(k for k in keys if saved.get(k) != model.get(k))
+    if differ:
+        theirs = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+        ours = ", ".join(f"model.{k}={model.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} holds a model with {theirs}, but this run's has {ours}; "
+            "use the model the checkpoint was trained with (leave model= out for src/eval.py)"
+        )
+
+
 def run_config_of(ckpt_path: str) -> dict[str, Any]:
     """The resolved run config that `src/train.py` saved in the checkpoint's hyperparameters."""
     path = existing_checkpoint(ckpt_path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise ConfigError(
             f"ckpt_path={ckpt_path} is not a readable Lightning checkpoint ({type(err).__name__}: {err})"

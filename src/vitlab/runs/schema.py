@@ -99,7 +99,10 @@ def plain(cfg: DictConfig, problems: list[Problem], prefix: str = "") -> dict[st
                 values[name] = value
         except Exception as err:  # a bad interpolation, a resolver refusing its input
             raw = OmegaConf.to_container(cfg, resolve=False).get(name)
-            problems.append(Problem(key, raw, f"cannot be resolved ({type(err).__name__}: {err})"))
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            problems.append(
+                Problem(key, raw, f"cannot be resolved ({type(err).__name__}: {first_line})")
+            )
     return values
 
 

@@ -24,7 +24,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vitlab.errors import Interrupted, VitlabError, exit_with
 from vitlab.runs.build import build_classifier, build_trainer, instantiate
-from vitlab.runs.checkpoint_files import check_training_checkpoint, run_config_of
+from vitlab.runs.checkpoint_files import (
+    check_model_matches,
+    check_training_checkpoint,
+    run_config_of,
+)
 from vitlab.runs.classes import fill_num_classes
 from vitlab.runs.console import print_config_tree, print_metrics
 from vitlab.runs.failures import log_traceback, one_line
@@ -67,6 +71,7 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("resume"), cfg.paths.output_dir)
         if ckpt_path:
             check_training_checkpoint(ckpt_path)
+            check_model_matches(ckpt_path, OmegaConf.to_container(cfg.model, resolve=True))
             log.info("Resuming from %s", ckpt_path)
         prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
@@ -89,13 +94,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint. The model and data come from the run config saved in the checkpoint
     unless the command line picks others (`model=...`, `data=...`); `+data.batch_size=...`
     changes one field of the saved data config."""
-    check_run(cfg)  # the eval keys, `ckpt_path` first: the rest comes from the checkpoint
+    # The eval keys, `ckpt_path` first; model and data come from the checkpoint, checked below.
+    check_run(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("model", "data")]))
     run_cfg = run_config_of(cfg.ckpt_path)
     with open_dict(cfg):
-        for key in ("model", "data"):
+        for key in ("data", "model"):  # data first: the model reads ${data.*}
             chosen = cfg.get(key)
             if chosen is None or "_target_" not in chosen:  # not picked, or only `+key.field=...`
                 cfg[key] = OmegaConf.merge(run_cfg[key], chosen or {})
+            elif key == "model":
+                check_model_matches(cfg.ckpt_path, OmegaConf.to_container(chosen, resolve=True))
         # Runs saved before `loss` was named so kept their label smoothing under `classifier`.
         cfg.loss = run_cfg.get("loss", run_cfg.get("classifier", {}))
     fill_num_classes(cfg)
