@@ -27,6 +27,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# The config groups a user picks an option of (`group=option`); a test asserts it lists every folder.
+CONFIG_GROUPS = [
+    "model",
+    "data",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "debug",
+    "sweep",
+]
+
+
+def config_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files of `conf/<group>/`, without nested folders."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 # As the entry points do: conf/hydra/default.yaml names the run folders with vitlab's resolvers.
 register_resolvers()
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -6,12 +6,11 @@ import pickle
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import tiny_vit
+from tests.test_data import write_image_folder
 from vitlab.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -29,14 +28,7 @@ CLASSES = ["cat", "dog"]
 
 def write_pngs(root: Path, classes: list[str] = CLASSES, per_class: int = 2) -> Path:
     """`root/{train,val}/<class>/<i>.png`: tiny random RGB images."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    write_image_folder(root, {"train": classes, "val": classes}, per_class)
     return root
 
 

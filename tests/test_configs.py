@@ -11,28 +11,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, CONFIG_GROUPS, config_options
 
-GROUPS = [
-    "model",
-    "data",
-    "optimizer",
-    "scheduler",
-    "trainer",
-    "callbacks",
-    "logger",
-    "experiment",
-    "debug",
-    "sweep",
-]
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+GROUPS = CONFIG_GROUPS
 
 
 @pytest.mark.parametrize(
-    "override", [f"{group}={name}" for group in GROUPS for name in _options(group)]
+    "override", [f"{group}={name}" for group in GROUPS for name in config_options(group)]
 )
 def test_every_config_file_composes_and_resolves(make_cfg, override):
     cfg = make_cfg(override)

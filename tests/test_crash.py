@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 import vitlab.runs.tasks as tasks
 from tests.conftest import compose_config
 from tests.test_data import write_image_folder
+from tests.test_signals import bare_trainer
 from vitlab.data.samplers import EpochShuffleSampler
 from vitlab.errors import DataError, NonFiniteLossError
 from vitlab.training.crash import CrashCheckpoint
@@ -187,23 +188,10 @@ def test_a_nan_loss_keeps_the_checkpoints_before_it_and_writes_none(images, tmp_
     assert not getattr(err.value, "__notes__", [])
 
 
-def _trainer(tmp_path: Path, *callbacks: L.Callback, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
 def test_an_error_in_a_callback_saves_the_step_whose_end_it_interrupted(tmp_path):
     # on_train_batch_end of step 3 runs after step 3's update: step 3 is the last completed.
     crash = CrashCheckpoint(str(tmp_path / "checkpoints"), overrides=["trainer.max_steps=9"])
-    trainer = _trainer(tmp_path, crash, At("on_train_batch_end", 3, _boom), max_steps=9)
+    trainer = bare_trainer(tmp_path, crash, At("on_train_batch_end", 3, _boom), max_steps=9)
     with pytest.raises(RuntimeError, match="boom at step 3") as err:
         trainer.fit(BoringModel())
 
@@ -239,7 +227,7 @@ def test_an_error_it_cannot_save_after_leaves_last_ckpt_alone_and_says_why(
     tmp_path, hook, action, why
 ):
     crash = CrashCheckpoint(str(tmp_path / "checkpoints"))
-    trainer = _trainer(tmp_path, crash, At(hook, 3, action), max_steps=9)
+    trainer = bare_trainer(tmp_path, crash, At(hook, 3, action), max_steps=9)
     with pytest.raises(RuntimeError, match="boom") as err:
         trainer.fit(BoringModel())
 
@@ -250,7 +238,7 @@ def test_an_error_it_cannot_save_after_leaves_last_ckpt_alone_and_says_why(
 
 def test_an_error_before_the_first_step_saves_nothing(tmp_path):
     crash = CrashCheckpoint(str(tmp_path / "checkpoints"))
-    trainer = _trainer(tmp_path, crash, At("on_before_backward", 0, _boom), max_steps=9)
+    trainer = bare_trainer(tmp_path, crash, At("on_before_backward", 0, _boom), max_steps=9)
     with pytest.raises(RuntimeError, match="boom") as err:
         trainer.fit(BoringModel())
 

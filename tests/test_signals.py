@@ -35,7 +35,8 @@ class SendSignalAt(L.Callback):
             signal.raise_signal(self.signum)
 
 
-def _trainer(tmp_path: Path, *callbacks: L.Callback, **kwargs: Any) -> L.Trainer:
+def bare_trainer(tmp_path: Path, *callbacks: L.Callback, **kwargs: Any) -> L.Trainer:
+    """A Trainer with only these callbacks: no logger, checkpointing, progress bar or validation."""
     return L.Trainer(
         default_root_dir=tmp_path,
         limit_val_batches=0,
@@ -52,7 +53,7 @@ def _trainer(tmp_path: Path, *callbacks: L.Callback, **kwargs: Any) -> L.Trainer
 def test_a_signal_saves_last_ckpt_at_the_step_boundary_and_raises(tmp_path, signum, exit_code):
     handler_before = signal.getsignal(signum)
     stop = GracefulStop(dirpath=str(tmp_path / "checkpoints"))
-    trainer = _trainer(
+    trainer = bare_trainer(
         tmp_path, SendSignalAt(signum, batch_idx=2), stop, max_epochs=1, limit_train_batches=20
     )
     with pytest.raises(Interrupted, match=r"at step 3; checkpoint: .*last\.ckpt") as err:
@@ -68,7 +69,7 @@ def test_a_signal_saves_last_ckpt_at_the_step_boundary_and_raises(tmp_path, sign
 
 def test_a_fit_without_a_signal_is_not_interrupted(tmp_path):
     stop = GracefulStop(dirpath=str(tmp_path / "checkpoints"))
-    trainer = _trainer(tmp_path, stop, max_steps=3)
+    trainer = bare_trainer(tmp_path, stop, max_steps=3)
     trainer.fit(BoringModel())
 
     assert trainer.global_step == 3

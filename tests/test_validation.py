@@ -12,22 +12,12 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR
+from tests.conftest import CONFIG_GROUPS, config_options
 from vitlab.errors import ConfigError
 from vitlab.runs.validate import check_run
 
-# Groups a user picks options of, per entry point; experiment and debug are global overlays.
-GROUPS = [
-    "model",
-    "data",
-    "optimizer",
-    "scheduler",
-    "trainer",
-    "callbacks",
-    "logger",
-    "experiment",
-    "debug",
-]
+# Every pickable group but sweep (a sweep is a multirun, checked by tests/test_sweep.py).
+GROUPS = [group for group in CONFIG_GROUPS if group != "sweep"]
 # The nodes whose numeric keys the generated test mutates; `bench` only in bench.yaml.
 NODES = [
     "model",
@@ -40,10 +30,6 @@ NODES = [
     "loss",
     "bench",
 ]
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def _gpu_trainer(cfg) -> bool:
@@ -64,7 +50,9 @@ def numeric_keys(node: Any, prefix: str) -> Iterator[str]:
         yield prefix
 
 
-PICKS = [("train", f"{g}={o}") for g in GROUPS for o in options(g)] + [("bench", "trainer=default")]
+PICKS = [("train", f"{g}={o}") for g in GROUPS for o in config_options(g)] + [
+    ("bench", "trainer=default")
+]
 # Lightning takes a list of GPU indices for `trainer.devices`: on a GPU trainer a list is valid.
 LIST_VALID_ON_GPU = {"trainer.devices"}
 
