@@ -6,6 +6,7 @@ import logging
 import re
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from vitlab.bench.race import bench
@@ -294,3 +295,19 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_keys_that_differ(ma
         train(make_cfg(*short, f"ckpt_path={last}", "model.hidden_size=32", "trainer.max_steps=2"))
     with pytest.raises(ConfigError, match=r"holds a model with .*model.num_layers="):
         evaluate(make_cfg(f"ckpt_path={last}", "model=vit_s16", config_name="eval"))
+
+
+def test_a_checkpoint_from_before_the_stem_keys_resumes_and_evaluates(make_cfg, tmp_path):
+    """Keys added to the model since (stem, patch_norm, resnet_*) count as their defaults."""
+    short = ("trainer.max_steps=1", "trainer.limit_val_batches=1", "test=false")
+    train(make_cfg(*short, "callbacks.progress_bar=null"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    model = checkpoint["hyper_parameters"]["config"]["model"]
+    for key in ("stem", "patch_norm", "resnet_layers", "resnet_width_factor"):
+        del model[key]
+    torch.save(checkpoint, last)
+    train(
+        make_cfg(*short, f"ckpt_path={last}", "trainer.max_steps=2", "callbacks.progress_bar=null")
+    )
+    evaluate(make_cfg(f"ckpt_path={last}", "model=vit_tiny", config_name="eval"))

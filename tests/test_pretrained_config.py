@@ -34,8 +34,8 @@ def _overrides(meta: dict, image_size: int) -> list[str]:
     model = (
         [
             "model=r_vit_ti16",
-            f"model.stem.num_layers={list(resnet['num_layers'])}",
-            f"model.stem.width_factor={resnet['width_factor']}",
+            f"model.resnet_layers={list(resnet['num_layers'])}",
+            f"model.resnet_width_factor={resnet['width_factor']}",
         ]
         if resnet
         else ["model=vit_ti16"]

@@ -97,8 +97,8 @@ def test_recipe_picks_the_papers_model_data_checkpoint_and_schedule(make_cfg, na
     cfg = OmegaConf.to_container(make_cfg(f"experiment={name}"), resolve=True)
     architecture = ARCHITECTURES[model]
     assert {key: cfg["model"][key] for key in architecture} == architecture
-    stem = cfg["model"].get("stem")
-    assert (stem and stem["num_layers"]) == ([3, 4, 9] if model == "r50_vit_b16" else None)
+    resnet = cfg["model"]["resnet_layers"] if cfg["model"].get("stem") == "resnet" else None
+    assert resnet == ([3, 4, 9] if model == "r50_vit_b16" else None)
     assert cfg["data"]["_target_"] == DATA[data][0]
     assert Path(cfg["model"]["pretrained"]) == Path("ckpts") / file
     assert cfg["optimizer"]["lr"] == lr

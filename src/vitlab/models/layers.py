@@ -129,19 +129,26 @@ class PatchEmbed(nn.Module):
         patch_size: side of a square patch in pixels (or stem feature-map cells).
         in_channels: channels of the input image or stem feature map.
         hidden_size: width of each token.
+        norm: a LayerNorm over each token after the projection (`model.patch_norm`);
+            not in the original, so off in every paper config. Off, the module has
+            no `norm` parameters and the state dict is the original's.
     """
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+    def __init__(
+        self, patch_size: int, in_channels: int, hidden_size: int, norm: bool = False
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS) if norm else nn.Identity()
         lecun_normal_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images or feature maps (b, c, H, W) -> tokens (b, h*w, hidden_size) and the grid (h, w)."""
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        return rearrange(x, "b d h w -> b (h w) d"), grid
+        return self.norm(rearrange(x, "b d h w -> b (h w) d")), grid
 
 
 class Attention(nn.Module):

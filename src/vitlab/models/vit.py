@@ -1,6 +1,6 @@
 """VisionTransformer, faithful to `vit_jax/models_vit.py`.
 
-The same blocks in the same order as the original: (optional ResNet stem) ->
+The same blocks in the same order as the original: (optional stem) ->
 patch embedding -> class token -> position embedding -> dropout -> encoder blocks
 -> encoder LayerNorm -> pooling (`token` or `gap`) -> optional tanh pre-logits ->
 zero-initialised head. Input is NCHW float in [-1, 1].
@@ -10,9 +10,11 @@ one encoder loop (`encoder`) also serves `forward_features` and `attention_maps`
 With the class-token classifier the last block runs for the class token alone,
 the one speed path here (`fast.class_token_block`, marked where it is taken).
 
-`pos_embed` picks the position encoding (`pos_embed.py`); the default `learned` is
-the original's. The others act through the same three hooks, so the encoder loop
-has no branch per encoding.
+`stem` picks what comes before the patch embedding (`stems.py`): none (`patch`, the
+original), the hybrids' ResNet, or one of two convolutional stems; `patch_norm` adds a
+LayerNorm after the patch projection. `pos_embed` picks the position encoding
+(`pos_embed.py`); the default `learned` is the original's. The others act through the
+same three hooks, so the encoder loop has no branch per encoding.
 
 Three scale knobs, off by default, change how the model runs but not what it
 computes nor its parameters: `grad_checkpointing` (recompute each block's
@@ -22,14 +24,14 @@ activations in backward), `attention_backend` (pin the SDPA kernel) and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from vitlab.bounds import Count, NonNegativeInt, Rate, Size
+from vitlab.bounds import Count, NonNegativeInt, Positive, Rate, Size
 from vitlab.models.layers import (
     LAYER_NORM_EPS,
     AttentionBackend,
@@ -43,6 +45,7 @@ from vitlab.models.layers import (
     patch_grid,
 )
 from vitlab.models.pos_embed import PosEmbed, build_position_encoding
+from vitlab.models.stems import PIXEL_STEMS, RESNET_LAYERS, StemKind, build_stem
 
 Classifier = Literal["token", "gap"]
 # Called with each encoder block and the tokens and rotation entering it.
@@ -50,11 +53,12 @@ BlockInputHook = Callable[[Block, torch.Tensor, Rotate | None], None]
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al., 2021), or R+ViT when a `stem` is given.
+    """ViT (Dosovitskiy et al., 2021), or R+ViT with `stem="resnet"`, or ViT with a conv stem.
 
     Attributes:
         image_size: side of the square input in pixels.
-        patch_size: side of a patch, in pixels, or in stem feature-map cells for hybrids.
+        patch_size: side of a patch in pixels, or in ResNet feature-map cells for hybrids
+            (`stem="resnet"` or a stem module); the `conv` stem's stride is the patch size.
         num_classes: size of the head; 0 for no head (features only).
         hidden_size, num_layers, num_heads, mlp_dim: the paper's Table 1.
         num_channels: input image channels.
@@ -62,8 +66,18 @@ class VisionTransformer(nn.Module):
         representation_size: width of the Dense + tanh pre-logits, or None for none.
         dropout_rate, attention_dropout_rate: 0.0 in every paper config.
         gelu_approximate: "tanh" as the original; "none" for exact GELU (timm).
-        stem: an `nn.Module` mapping NCHW images to a feature map, with attributes
-            `out_channels` and `stride` (e.g. `ResNetV2`); None for plain ViT.
+        stem: "patch" (none: the original ViT), "conv" (Xiao et al.'s stack of 3x3
+            stride-2 convs + BatchNorm + ReLU; the paper also drops one encoder block
+            to keep the compute, which `num_layers` leaves to the config), "patchify_ln"
+            (ConvNeXt's 4x4/4 conv + LayerNorm) or "resnet" (the hybrids' `ResNetV2`);
+            see `stems.py`. Or any `nn.Module` mapping NCHW images to a feature map, with
+            attributes `out_channels` and `stride` (e.g. `ResNetV2(...)`); None is "patch".
+        resnet_layers: ResNet units per stage for `stem="resnet"`, e.g. (3, 4, 9) for
+            R50+ViT-B/16, () for the root alone; read for that stem only.
+        resnet_width_factor: the ResNet root has `int(64 * resnet_width_factor)`
+            channels; read for `stem="resnet"` only.
+        patch_norm: a LayerNorm over each token after the patch projection (see
+            `PatchEmbed`); off in every paper config and in the official checkpoints.
         pos_embed: "learned" (the original), "sincos2d" (fixed, big_vision), "none",
             "conditional" (CPVT's PEG after the first block) or "rope2d" (axial rotary
             in every attention layer); every one works at another resolution at eval.
@@ -96,7 +110,10 @@ class VisionTransformer(nn.Module):
         dropout_rate: Rate = 0.0,
         attention_dropout_rate: Rate = 0.0,
         gelu_approximate: GeluApproximate = "tanh",
-        stem: nn.Module | None = None,
+        stem: StemKind | nn.Module | None = "patch",
+        resnet_layers: Sequence[Count] = RESNET_LAYERS,
+        resnet_width_factor: Positive = 1.0,
+        patch_norm: bool = False,
         pos_embed: PosEmbed = "learned",
         grad_checkpointing: bool = False,
         attention_backend: AttentionBackend = "auto",
@@ -106,7 +123,18 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if classifier not in ("token", "gap"):
             raise ValueError(f"classifier={classifier!r} is not one of 'token', 'gap'")
-        self.grid = patch_grid(image_size, patch_size, stem.stride if stem else None)
+        self.stem, cells = build_stem(
+            stem,
+            num_channels=num_channels,
+            hidden_size=hidden_size,
+            patch_size=patch_size,
+            resnet_layers=resnet_layers,
+            resnet_width_factor=resnet_width_factor,
+        )
+        # conv and patchify_ln are part of a patch_size-pixel patch; a ResNet's map is cut in cells.
+        pixel_patches = isinstance(stem, str) and stem in PIXEL_STEMS
+        stride = self.stem.stride if self.stem is not None and not pixel_patches else None
+        self.grid = patch_grid(image_size, patch_size, stride)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -116,9 +144,11 @@ class VisionTransformer(nn.Module):
         self.channels_last = channels_last
         self.num_prefix_tokens = 1 if classifier == "token" else 0
 
-        self.stem = stem
         self.patch_embed = PatchEmbed(
-            patch_size, stem.out_channels if stem else num_channels, hidden_size
+            cells,
+            self.stem.out_channels if self.stem is not None else num_channels,
+            hidden_size,
+            norm=patch_norm,
         )
         self.cls_token = (
             nn.Parameter(torch.zeros(1, 1, hidden_size)) if classifier == "token" else None
@@ -149,8 +179,8 @@ class VisionTransformer(nn.Module):
         self.head = classification_head(representation_size or hidden_size, num_classes)
         if channels_last:
             self.patch_embed.to(memory_format=torch.channels_last)
-            if stem is not None:
-                stem.to(memory_format=torch.channels_last)
+            if self.stem is not None:
+                self.stem.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (b, c, H, W) in [-1, 1] -> logits (b, num_classes)."""
@@ -168,7 +198,7 @@ class VisionTransformer(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.stem is not None:
-            x = self.stem(x)  # R+ViT: the ResNet's feature map (b, c', H / stride, W / stride)
+            x = self.stem(x)  # the stem's feature map (b, c', H / stride, W / stride)
         x, grid = self.patch_embed(x)  # (b, h*w, d)
         if self.cls_token is not None:
             cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0]).to(x.dtype)

@@ -8,6 +8,7 @@ rather than failing deep inside Lightning's loading.
 
 from __future__ import annotations
 
+import inspect
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,18 +75,52 @@ def check_model_matches(ckpt_path: str, model: Mapping[str, Any]) -> None:
     """Refuse a checkpoint whose model differs from the configured one in a key its weights depend on.
 
     Lightning would fail on the first mismatched tensor, deep in `load_state_dict`;
-    this names every key that differs, with both values.
+    this names every key that differs, with both values. A key that an older run's
+    config lacks (it was added since) counts as the constructor's default.
     """
-    saved = run_config_of(ckpt_path).get("model") or {}
+    saved = _as_current(run_config_of(ckpt_path).get("model") or {})
+    model = _as_current(model)
     keys = (set(saved) | set(model)) - RUN_KNOBS
-    differ = sorted(k for k in keys if saved.get(k) != model.get(k))
+    if _value(saved, "stem") != "resnet" and _value(model, "stem") != "resnet":
+        keys -= {"resnet_layers", "resnet_width_factor"}  # read for stem=resnet only
+    differ = sorted(k for k in keys if _value(saved, k) != _value(model, k))
     if differ:
-        theirs = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
-        ours = ", ".join(f"model.{k}={model.get(k)!r}" for k in differ)
+        theirs = ", ".join(f"{k}={_value(saved, k)!r}" for k in differ)
+        ours = ", ".join(f"model.{k}={_value(model, k)!r}" for k in differ)
         raise ConfigError(
             f"ckpt_path={ckpt_path} holds a model with {theirs}, but this run's has {ours}; "
             "use the model the checkpoint was trained with (leave model= out for src/eval.py)"
         )
+
+
+def _as_current(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config in today's keys: an old hybrid's `stem: {_target_: ...ResNetV2, ...}` node
+    is `stem: resnet` with `resnet_layers` / `resnet_width_factor`."""
+    model = dict(model)
+    stem = model.get("stem")
+    if isinstance(stem, Mapping) and str(stem.get("_target_", "")).endswith("ResNetV2"):
+        model["stem"] = "resnet"
+        model["resnet_layers"] = list(stem.get("num_layers", []))
+        model["resnet_width_factor"] = stem.get("width_factor", 1.0)
+    return model
+
+
+def _value(model: Mapping[str, Any], key: str) -> Any:
+    """`model[key]`, or the default of the model class's constructor when the config lacks it
+    (sequences as lists, as a config holds them)."""
+    if key in model:
+        value = model[key]
+        return list(value) if isinstance(value, tuple) else value
+    import hydra.utils
+
+    try:
+        parameter = inspect.signature(hydra.utils.get_object(str(model["_target_"]))).parameters[
+            key
+        ]
+    except Exception:  # no such class or argument: the key is simply absent
+        return None
+    default = None if parameter.default is parameter.empty else parameter.default
+    return list(default) if isinstance(default, tuple) else default
 
 
 def run_config_of(ckpt_path: str) -> dict[str, Any]:

@@ -301,14 +301,18 @@ def _ints(*values: Any) -> bool:
 
 
 def _patch_problems(model: Mapping[str, Any]) -> list[str]:
-    """The patches tile the image, or the stem's feature map of it (`layers.patch_grid`)."""
+    """The stem can make the patches (`stems.stem_patch_problem`), and they tile the image,
+    or the ResNet stem's feature map of it (`layers.patch_grid`)."""
     from vitlab.models.layers import patch_grid
+    from vitlab.models.stems import stem_patch_problem
 
     image_size, patch_size = model.get("image_size"), model.get("patch_size")
     stem = model.get("stem")
-    stride = _stem_stride(stem) if isinstance(stem, Mapping) else None
-    if not _ints(image_size, patch_size) or (isinstance(stem, Mapping) and stride is None):
+    stride = _stem_stride(model)
+    if not _ints(image_size, patch_size) or stride == 0:
         return []
+    if problem := stem_patch_problem(stem, patch_size):
+        return [f"model.patch_size={patch_size} is not valid: {problem}"]
     try:
         patch_grid(image_size, patch_size, stride)
     except ValueError as err:
@@ -316,14 +320,26 @@ def _patch_problems(model: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _stem_stride(stem: Mapping[str, Any]) -> int | None:
+def _stem_stride(model: Mapping[str, Any]) -> int | None:
+    """The stride of the map whose cells `patch_size` counts: a ResNet stem's; None where the
+    patches are in pixels (no stem, conv, patchify_ln); 0 where a bad value hides it (the
+    schema reports that value)."""
     import hydra.utils
 
+    from vitlab.models.resnet import ResNetV2
+    from vitlab.models.stems import RESNET_LAYERS
+
+    stem = model.get("stem")
     try:
-        stride_of = hydra.utils.get_object(str(stem.get("_target_"))).stride_of
-        return stride_of(**{k: v for k, v in stem.items() if k == "num_layers"})
+        if stem == "resnet":
+            layers = model.get("resnet_layers", RESNET_LAYERS)
+            return ResNetV2.stride_of(layers) if isinstance(layers, (list, tuple)) else 0
+        if isinstance(stem, Mapping):  # a `_target_` node, as runs saved before `stem: resnet`
+            stride_of = hydra.utils.get_object(str(stem.get("_target_"))).stride_of
+            return stride_of(**{k: v for k, v in stem.items() if k == "num_layers"})
     except Exception:  # no such class (refused by the schema), or a stem without `stride_of`
-        return None
+        return 0
+    return None
 
 
 def _head_problems(model: Mapping[str, Any]) -> list[str]:
