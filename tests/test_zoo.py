@@ -2,7 +2,8 @@
 
 Counts are at 224x224, 3 channels, 1000 classes; the models are built on the meta
 device, so even ViT-H/14 costs no memory. ViT/hybrid counts match the original's
-configs (`vit_jax/configs/models.py`: no pre-logits), Mixer counts its Table 1.
+configs (`vit_jax/configs/models.py`: no pre-logits), Mixer counts its Table 1,
+gMLP counts timm's `gmlp_*_224` models.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ PARAMETER_COUNTS = {
     "mixer_b16": 59_880_472,
     "mixer_b32": 60_293_428,
     "mixer_l16": 208_196_168,
+    # gMLP: timm's gmlp_ti16_224, gmlp_s16_224, gmlp_b16_224 (no official release).
+    "gmlp_ti16": 5_867_328,
+    "gmlp_s16": 19_422_656,
+    "gmlp_b16": 73_075_392,
     "r_vit_ti16": 6_337_704,
     "r26_vit_s32": 36_431_912,
     "r26_vit_b32": 101_383_976,
@@ -45,7 +50,17 @@ PARAMETER_COUNTS = {
     "r50_vit_l32": 328_994_856,
 }
 # Mixer-S/8, S/16, S/32, L/32, H/14: the paper's Table 1 dims; no published counts.
-UNPUBLISHED = {"mixer_s8", "mixer_s16", "mixer_s32", "mixer_l32", "mixer_h14", "vit_tiny"}
+# vit_tiny, mixer_tiny, gmlp_tiny: the digits demo's models, near one another in size.
+UNPUBLISHED = {
+    "mixer_s8",
+    "mixer_s16",
+    "mixer_s32",
+    "mixer_l32",
+    "mixer_h14",
+    "vit_tiny",
+    "mixer_tiny",
+    "gmlp_tiny",
+}
 
 
 @pytest.fixture(scope="module")

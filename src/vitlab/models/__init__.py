@@ -1,8 +1,17 @@
 """Backbones in plain PyTorch: no Lightning, no Hydra."""
 
-from vitlab.models.checkpoints import from_official_npz, load_pretrained
+from vitlab.models.checkpoints import from_official_npz, from_timm, load_pretrained
+from vitlab.models.gmlp import GMlp
 from vitlab.models.mixer import MlpMixer
 from vitlab.models.resnet import ResNetV2
 from vitlab.models.vit import VisionTransformer
 
-__all__ = ["MlpMixer", "ResNetV2", "VisionTransformer", "from_official_npz", "load_pretrained"]
+__all__ = [
+    "GMlp",
+    "MlpMixer",
+    "ResNetV2",
+    "VisionTransformer",
+    "from_official_npz",
+    "from_timm",
+    "load_pretrained",
+]

@@ -106,6 +106,8 @@ class MlpMixer(nn.Module):
             no attention, so `model.attention_backend=...` fails saying so.
         channels_last: keep the patch-embedding conv's weight and input in
             channels-last (NHWC) memory. Same outputs, same state dict.
+        patch_norm: a LayerNorm over each token after the per-patch projection (see
+            `PatchEmbed`); not in the original, off in every paper config.
     """
 
     def __init__(
@@ -123,9 +125,10 @@ class MlpMixer(nn.Module):
         grad_checkpointing: bool = False,
         attention_backend: str | None = None,  # likewise
         channels_last: bool = False,
+        patch_norm: bool = False,
     ) -> None:
         super().__init__()
-        _refuse_vit_only_options(pos_embed, attention_backend)
+        refuse_vit_only_options(pos_embed, attention_backend)
         self.grid = patch_grid(image_size, patch_size)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -135,7 +138,7 @@ class MlpMixer(nn.Module):
         self.channels_last = channels_last
         num_tokens = self.grid[0] * self.grid[1]
 
-        self.stem = PatchEmbed(patch_size, num_channels, hidden_dim)
+        self.stem = PatchEmbed(patch_size, num_channels, hidden_dim, norm=patch_norm)
         self.blocks = nn.ModuleList(
             MixerBlock(num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu_approximate)
             for _ in range(num_blocks)
@@ -173,13 +176,21 @@ class MlpMixer(nn.Module):
         return self.head(x.mean(dim=1))
 
 
-def _refuse_vit_only_options(pos_embed: None, attention_backend: None) -> None:
-    """Mixer has neither a position encoding nor attention: say so when one is set."""
+def refuse_vit_only_options(
+    pos_embed: str | None, attention_backend: str | None, model: str = "MlpMixer"
+) -> None:
+    """An all-MLP `model` (Mixer, gMLP) has neither a position encoding nor attention: say so when one is set."""
     if attention_backend is not None:
         raise ConfigError(
-            f"MlpMixer has no attention layers, so there is no attention kernel to pick; got "
+            f"{model} has no attention layers, so there is no attention kernel to pick; got "
             f"model.attention_backend={attention_backend!r}. Remove model.attention_backend "
             "(it is only for ViT and hybrids)"
+        )
+    if pos_embed is not None:
+        raise ValueError(
+            f"{model} has no position encoding: its token-mixing layers give each patch "
+            f"index its own weights, so they already know where every patch is; got "
+            f"pos_embed={pos_embed!r}. Remove model.pos_embed (it is only for ViT and hybrids)"
         )
     if pos_embed is not None:
         raise ValueError(

@@ -1,13 +1,20 @@
-"""Loading an official checkpoint into a built model, as the original fine-tunes.
+"""Loading a checkpoint file into a built model, as the original fine-tunes.
 
 Follows `vit_jax/checkpoint.py:load_pretrained`: a head of another size stays
 freshly zero-initialised, a file's pre-logits are dropped (with its head) when the
 model has none, and the learned position table is resized to the model's patch
 grid. The file is then compared with the model key by key and shape by shape,
 and only when everything fits is anything copied.
+
+Two layouts go through these same steps (`Layout`): the official `.npz` files
+(`layout.py`) and timm's `.pth` / `.safetensors` state dicts (`timm.py`); the file's
+suffix picks one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,72 +24,135 @@ from vitlab.models.checkpoints.layout import (
     HEAD,
     POSEMB,
     PRE_LOGITS,
+    _Link,
     official_links,
     official_tensors,
 )
 from vitlab.models.checkpoints.npz import Source, read_official
 from vitlab.models.checkpoints.resample import resample_posemb
+from vitlab.models.checkpoints.timm import (
+    TIMM_HEAD,
+    TIMM_POS_EMBED,
+    is_timm_file,
+    read_timm,
+    timm_links,
+    to_timm,
+)
 
 MAX_LISTED = 12
 
 
-def load_pretrained(model: nn.Module, source: Source) -> None:
-    """Copy an official checkpoint into an already built ViT, hybrid or Mixer, in place.
+@dataclass(frozen=True)
+class Layout:
+    """A file layout: how a model's parameters are named in such files, and which are special.
 
-    `source` is a path to an `.npz` or a mapping name -> array. The model's
-    architecture must match the file's; a head of another size (fine-tuning on a
-    new dataset) stays the model's fresh zero head, and a different patch grid gets
-    the file's position table resized. Anything else that differs raises
-    `CheckpointError` listing the keys and shapes, before the model is touched.
+    Attributes:
+        links: the model's parameters tied to the file's names (`_Link.official`).
+        tensors: the model's parameters under the file's names and in its layouts.
+        head: the names of the head's weight and bias (kept fresh when their sizes differ).
+        pre_logits: the names of the pre-logits' weight and bias; () if the layout has none.
+        posemb: the name of the learned position table (resized to the model's grid).
+        builder: how to build the architecture a file holds, for messages.
     """
-    copy_into(model, *read_official(source))
+
+    links: Callable[[nn.Module], list[_Link]]
+    tensors: Callable[[nn.Module], dict[str, torch.Tensor]]
+    head: tuple[str, ...]
+    pre_logits: tuple[str, ...]
+    posemb: str
+    builder: str
 
 
-def copy_into(model: nn.Module, label: str, arrays: dict[str, torch.Tensor]) -> None:
-    """Fit the file's `arrays` to `model` for fine-tuning, check them, then load them."""
-    own = official_tensors(model)
-    arrays = fit_for_fine_tuning(model, arrays, own)
-    raise_unless_fits(label, arrays, own)
+OFFICIAL = Layout(
+    official_links,
+    official_tensors,
+    HEAD,
+    PRE_LOGITS,
+    POSEMB,
+    "`vitlab.models.from_official_npz(path)`",
+)
+TIMM = Layout(
+    timm_links,
+    to_timm,
+    TIMM_HEAD,
+    (),
+    TIMM_POS_EMBED,
+    "`vitlab.models.from_timm(path, name=...)`",
+)
+
+
+def load_pretrained(model: nn.Module, source: Source) -> None:
+    """Copy an official or timm checkpoint into an already built model, in place.
+
+    `source` is a path to an official `.npz` or a timm `.pth` / `.pt` /
+    `.safetensors` file (the suffix decides), or a mapping name -> array in the
+    official layout. The model's architecture must match the file's; a head of
+    another size (fine-tuning on a new dataset) stays the model's fresh zero head,
+    and a different patch grid gets the file's position table resized. Anything
+    else that differs raises `CheckpointError` listing the keys and shapes, before
+    the model is touched. The weights only: the model computes as its own
+    configuration says (a timm file into a `gelu_approximate=tanh` model keeps tanh).
+    """
+    if is_timm_file(source):
+        copy_into(model, *read_timm(source), layout=TIMM)
+    else:
+        copy_into(model, *read_official(source))
+
+
+def copy_into(
+    model: nn.Module, label: str, arrays: dict[str, torch.Tensor], layout: Layout = OFFICIAL
+) -> None:
+    """Fit the file's `arrays` (named as `layout` names them) to `model`, check them, then load them."""
+    own = layout.tensors(model)
+    arrays = fit_for_fine_tuning(model, arrays, own, layout)
+    raise_unless_fits(label, arrays, own, layout)
     state = model.state_dict()
     model.load_state_dict(
         {
             link.ours: link.to_ours([arrays[name] for name in link.official]).to(
                 state[link.ours].dtype
             )
-            for link in official_links(model)
+            for link in layout.links(model)
         }
     )
 
 
 def fit_for_fine_tuning(
-    model: nn.Module, arrays: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+    model: nn.Module,
+    arrays: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    layout: Layout = OFFICIAL,
 ) -> dict[str, torch.Tensor]:
     """The file's arrays made to fit a fine-tuning model, as the original's `load_pretrained` does.
 
-    `own` is the model's own official tensors: its zero head replaces the file's
-    when the sizes differ, and its grid decides the position table's.
+    `own` is the model's own tensors in the file's layout: its zero head replaces
+    the file's when the sizes differ, and its grid decides the position table's.
     """
     arrays = dict(arrays)
+    head, pre_logits, posemb = layout.head, layout.pre_logits, layout.posemb
     drop_head = False
-    if PRE_LOGITS[0] in arrays and PRE_LOGITS[0] not in own:  # the original's "drop-head variant"
-        for name in PRE_LOGITS:
+    if pre_logits and pre_logits[0] in arrays and pre_logits[0] not in own:
+        for name in pre_logits:  # the original's "drop-head variant"
             arrays.pop(name, None)
         drop_head = True
     if drop_head or any(
         name not in arrays or name not in own or arrays[name].shape != own[name].shape
-        for name in HEAD
+        for name in head
     ):
-        for name in HEAD:  # a new task: keep the model's own (zero) head
+        for name in head:  # a new task: keep the model's own (zero) head
             arrays.pop(name, None)
             if name in own:
                 arrays[name] = own[name]
-    if POSEMB in arrays and POSEMB in own and arrays[POSEMB].shape != own[POSEMB].shape:
-        arrays[POSEMB] = resample_posemb(model, arrays[POSEMB], own[POSEMB])
+    if posemb in arrays and posemb in own and arrays[posemb].shape != own[posemb].shape:
+        arrays[posemb] = resample_posemb(model, arrays[posemb], own[posemb])
     return arrays
 
 
 def raise_unless_fits(
-    label: str, arrays: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+    label: str,
+    arrays: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    layout: Layout = OFFICIAL,
 ) -> None:
     """Raise `CheckpointError` listing every missing, unexpected and mis-shaped key."""
     missing = [f"{n} {tuple(a.shape)}" for n, a in own.items() if n not in arrays]
@@ -102,9 +172,7 @@ def raise_unless_fits(
     ):
         if lines:
             report += [f"  {title} ({len(lines)}):", *(f"    {line}" for line in first_few(lines))]
-    report.append(
-        "  (`vitlab.models.from_official_npz(path)` builds the architecture a file holds)"
-    )
+    report.append(f"  ({layout.builder} builds the architecture a file holds)")
     raise CheckpointError("\n".join(report))
 
 
