@@ -94,7 +94,8 @@ def test_bare_loop_peak_memory_is_measured_for_both_models(tiny_run):
 
 
 @pytest.mark.parametrize(
-    "model", ["vit_s16", "mixer_b16", "r26_vit_s32", "vit_s16_gap", "r_vit_ti16", "vit_tiny"]
+    "model",
+    ["vit_s16", "mixer_b16", "r26_vit_s32", "vit_s16_gap", "r_vit_ti16", "vit_tiny", "gmlp_s16"],
 )
 def test_timm_model_has_exactly_our_parameter_count(make_cfg, model):
     cfg = make_cfg(f"model={model}", config_name="bench")

@@ -25,14 +25,13 @@ from vitlab.training.checkpoint_io import AtomicCheckpointIO
 ROOT = Path(__file__).resolve().parents[1]
 
 # 40 steps of 64 digits: two epochs of 20 steps, validated at steps 20 and 40; with
-# dropout, so the global RNG matters too.
+# dropout (or stochastic depth), so the global RNG matters too.
 EXACT = (
     "trainer=cpu",
     "trainer.deterministic=true",
     "trainer.max_steps=40",
     "trainer.log_every_n_steps=1",
     "data.batch_size=64",
-    "model.dropout_rate=0.1",
     "scheduler.warmup_steps=5",
     "callbacks.progress_bar=null",
     "test=false",
@@ -67,10 +66,18 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+RANDOM_MODELS = {
+    "vit": ("model=vit_tiny", "model.dropout_rate=0.1"),
+    "gmlp": ("model=gmlp_tiny", "model.drop_path_rate=0.1"),
+}
+
+
+@pytest.mark.parametrize("model", RANDOM_MODELS.values(), ids=RANDOM_MODELS.keys())
 def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_one(
-    make_cfg, tmp_path, monkeypatch
+    make_cfg, tmp_path, monkeypatch, model
 ):
-    tasks.train(make_cfg(*EXACT))
+    exact = (*EXACT, *model)
+    tasks.train(make_cfg(*exact))
     whole_dir = tmp_path / "whole"
     whole_dir.mkdir()
     for name in ("checkpoints", "csv", "metrics.json"):
@@ -78,10 +85,10 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_
 
     # GracefulStop sees the signal at the end of the next step: 28.
     with pytest.raises(Interrupted, match="at step 28"):
-        _train_with(make_cfg(*EXACT), SignalAtStep(27), monkeypatch=monkeypatch)
+        _train_with(make_cfg(*exact), SignalAtStep(27), monkeypatch=monkeypatch)
     stopped = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] == 28 and stopped["epoch"] == 1, "mid-epoch"
-    tasks.train(make_cfg(*EXACT, "ckpt_path=last"))
+    tasks.train(make_cfg(*exact, "ckpt_path=last"))
 
     whole = _weights(whole_dir / "checkpoints" / "last.ckpt")
     resumed = _weights(tmp_path / "checkpoints" / "last.ckpt")

@@ -18,7 +18,7 @@ from torch import nn
 import vitlab.models.layers as layers
 from tests.conftest import tiny_vit
 from vitlab.errors import ConfigError
-from vitlab.models import MlpMixer, ResNetV2, VisionTransformer, from_official_npz
+from vitlab.models import GMlp, MlpMixer, ResNetV2, VisionTransformer, from_official_npz
 from vitlab.models.checkpoints import save_official_npz
 from vitlab.runs.build import build_backbone
 
@@ -42,6 +42,18 @@ def tiny_mixer(**knobs) -> MlpMixer:
     )
 
 
+def tiny_gmlp(**knobs) -> GMlp:
+    return GMlp(
+        image_size=16,
+        patch_size=4,
+        num_classes=10,
+        hidden_dim=32,
+        num_blocks=NUM_BLOCKS,
+        ffn_dim=64,
+        **knobs,
+    )
+
+
 def tiny_vit_with_dropout(**knobs) -> VisionTransformer:
     """Dropout shows that the recomputation replays the same masks."""
     return tiny_vit(dropout_rate=0.1, attention_dropout_rate=0.1, **knobs)
@@ -52,6 +64,7 @@ MODELS = {
     "vit_dropout": tiny_vit_with_dropout,
     "hybrid": tiny_hybrid,
     "mixer": tiny_mixer,
+    "gmlp": tiny_gmlp,
 }
 
 
@@ -218,7 +231,7 @@ def test_channels_last_gives_the_same_logits_and_gradients(make) -> None:
 
 
 @pytest.mark.parametrize(
-    "make", [tiny_vit, tiny_hybrid, tiny_mixer], ids=["vit", "hybrid", "mixer"]
+    "make", [tiny_vit, tiny_hybrid, tiny_mixer, tiny_gmlp], ids=["vit", "hybrid", "mixer", "gmlp"]
 )
 def test_channels_last_stores_every_conv_weight_nhwc(make) -> None:
     """1x1 kernels are left out: NCHW and NHWC are the same memory for them."""
@@ -234,6 +247,7 @@ FIRST_CONV = {
     "vit": (tiny_vit, lambda model: model.patch_embed.proj),
     "hybrid": (tiny_hybrid, lambda model: model.stem),
     "mixer": (tiny_mixer, lambda model: model.stem.proj),
+    "gmlp": (tiny_gmlp, lambda model: model.stem.proj),
 }
 
 

@@ -262,3 +262,12 @@ def test_timm_has_no_contender_for_a_conv_stem(make_cfg):
     cfg = make_cfg("model.stem=conv", config_name="bench")
     with pytest.raises(ConfigError, match=r"model.stem='conv' has no timm counterpart"):
         timm_model(cfg.model)
+
+
+def test_the_conv_stem_takes_the_place_of_one_encoder_block_as_in_the_paper():
+    """Xiao et al.'s ViT_C: the conv stack in, one transformer block out, so the compute stays."""
+    assert len(tiny_vit(num_layers=3, stem="conv").blocks) == 2
+    assert len(tiny_vit(num_layers=3, stem="patchify_ln").blocks) == 3
+    assert len(tiny_vit(num_layers=3).blocks) == 3
+    with pytest.raises(ConfigError, match=r"model.num_layers=1 is not valid with model.stem=conv"):
+        tiny_vit(num_layers=1, stem="conv")

@@ -140,6 +140,24 @@ def patchify_width(hidden_size: int, patch_size: int) -> int:
     return max(1, hidden_size * PATCHIFY_STRIDE**2 // patch_size**2)
 
 
+def encoder_depth(kind: object, num_layers: int) -> int:
+    """The encoder blocks a ViT with this stem has: one fewer for `conv`, as Xiao et al. do.
+
+    The paper's ViT_C replaces the patchify projection with the conv stack and removes
+    one transformer block, so that it costs about what the ViT_P it is compared with
+    costs; `num_layers` stays the depth of that ViT_P (12 for ViT-B), so a
+    `model.stem=patch,conv` sweep compares models of equal compute.
+    """
+    if kind != "conv":
+        return num_layers
+    if num_layers < 2:
+        raise ConfigError(
+            f"model.num_layers={num_layers} is not valid with model.stem=conv: the conv stem "
+            "takes the place of one encoder block (Xiao et al.), so it needs num_layers >= 2"
+        )
+    return num_layers - 1
+
+
 def stem_patch_problem(kind: object, patch_size: int) -> str | None:
     """Why stem `kind` cannot make `patch_size` patches, or None if it can.
 

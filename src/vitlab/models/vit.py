@@ -45,7 +45,7 @@ from vitlab.models.layers import (
     patch_grid,
 )
 from vitlab.models.pos_embed import PosEmbed, build_position_encoding
-from vitlab.models.stems import PIXEL_STEMS, RESNET_LAYERS, StemKind, build_stem
+from vitlab.models.stems import PIXEL_STEMS, RESNET_LAYERS, StemKind, build_stem, encoder_depth
 
 Classifier = Literal["token", "gap"]
 # Called with each encoder block and the tokens and rotation entering it.
@@ -67,8 +67,8 @@ class VisionTransformer(nn.Module):
         dropout_rate, attention_dropout_rate: 0.0 in every paper config.
         gelu_approximate: "tanh" as the original; "none" for exact GELU (timm).
         stem: "patch" (none: the original ViT), "conv" (Xiao et al.'s stack of 3x3
-            stride-2 convs + BatchNorm + ReLU; the paper also drops one encoder block
-            to keep the compute, which `num_layers` leaves to the config), "patchify_ln"
+            stride-2 convs + BatchNorm + ReLU, in place of one encoder block as the paper
+            does: `num_layers - 1` blocks, see `stems.encoder_depth`), "patchify_ln"
             (ConvNeXt's 4x4/4 conv + LayerNorm) or "resnet" (the hybrids' `ResNetV2`);
             see `stems.py`. Or any `nn.Module` mapping NCHW images to a feature map, with
             attributes `out_channels` and `stride` (e.g. `ResNetV2(...)`); None is "patch".
@@ -161,6 +161,7 @@ class VisionTransformer(nn.Module):
             num_heads=num_heads,
         )
         self.pos_drop = nn.Dropout(dropout_rate)
+        depth = encoder_depth(stem, num_layers)  # one block fewer with the conv stem
         self.blocks = nn.ModuleList(
             Block(
                 hidden_size,
@@ -170,9 +171,9 @@ class VisionTransformer(nn.Module):
                 attention_dropout_rate,
                 gelu_approximate,
                 attention_backend,
-                drop_path_rate * index / max(1, num_layers - 1),
+                drop_path_rate * index / max(1, depth - 1),
             )
-            for index in range(num_layers)
+            for index in range(depth)
         )
         self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         self.pre_logits = _pre_logits(hidden_size, representation_size)
