@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_vit
-from vitlab.models import MlpMixer
+from vitlab.models import GMlp, MlpMixer
 from vitlab.models.analysis import attention_rollout, position_similarity
 
 
@@ -53,6 +53,17 @@ def test_token_mixing_weights_are_each_hidden_units_weights_on_the_patch_grid():
     fc1 = model.blocks[1].token_mixing.fc1.weight
     assert weights.shape == (8, 4, 4)
     assert torch.equal(weights[5, 2, 1], fc1[5, 2 * 4 + 1].detach())
+    assert not weights.requires_grad
+
+
+def test_spatial_gating_weights_are_each_tokens_weights_on_the_patch_grid():
+    model = GMlp(
+        image_size=16, patch_size=4, num_classes=10, hidden_dim=16, num_blocks=2, ffn_dim=32
+    )
+    weights = model.spatial_gating_weights(block=1)
+    proj = model.blocks[1].sgu.spatial_proj.weight
+    assert weights.shape == (16, 4, 4)
+    assert torch.equal(weights[5, 2, 1], proj[5, 2 * 4 + 1].detach())
     assert not weights.requires_grad
 
 

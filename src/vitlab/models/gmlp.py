@@ -209,6 +209,16 @@ class GMlp(nn.Module):
             x = checkpointed(block, x, enabled=self.grad_checkpointing)
         return self.norm(x)
 
+    def spatial_gating_weights(self, block: int = 0) -> torch.Tensor:
+        """The spatial projection of block `block`'s gating unit as images: (num_tokens, h, w).
+
+        Output token i gates itself with the patches weighted by [i], laid out on the
+        patch grid, as the gMLP paper visualises them (the Mixer counterpart is
+        `MlpMixer.token_mixing_weights`). A detached copy (safe to plot while training).
+        """
+        weight = self.blocks[block].sgu.spatial_proj.weight.detach()
+        return rearrange(weight, "t (h w) -> t h w", h=self.grid[0], w=self.grid[1]).clone()
+
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Gated tokens -> logits: mean over tokens, then the head."""
         return self.head(x.mean(dim=1))
