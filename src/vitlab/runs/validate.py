@@ -220,7 +220,6 @@ def _check_schema(values: Mapping[str, Any], problems: list[Any]) -> None:
             check_node(node, name, problems, allowed=CONSUMED.get(name, ()))
     if top is not None:
         scalars = {k: v for k, v in values.items() if k not in groups and k != "hydra"}
-        scalars = {k: v for k, v in scalars.items() if k not in ("classifier",) or v is not None}
         check_node(scalars, "", problems, target=top)
 
 
