@@ -180,6 +180,21 @@ REFUSED = [
     ),
     (
         "train",
+        ["model.flexi_patch_sizes=[4,5]"],
+        r"model.flexi_patch_sizes=\[4, 5\] is not valid: patch_size=5 does not divide image_size=32",
+    ),
+    (
+        "train",
+        ["model.pos_embed=conditional", "model.token_merging=4"],
+        r"model.token_merging=4 changes which tokens .* model.pos_embed=conditional needs every token",
+    ),
+    (
+        "train",
+        ["model.pos_embed=rope2d", "model.patch_dropout=0.5"],
+        r"model.patch_dropout=0.5 changes which tokens .* model.pos_embed=rope2d needs every token",
+    ),
+    (
+        "train",
         ["trainer.accumulate_grad_batches=3"],
         r"data.batch_size=64 .*world size 1 .*accumulate_grad_batches=3 = 3 micro-batches",
     ),

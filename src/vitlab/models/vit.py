@@ -44,6 +44,7 @@ from vitlab.models.layers import (
     lecun_normal_,
     patch_grid,
 )
+from vitlab.models.patch_dropout import NEEDS_EVERY_TOKEN, PatchDropout
 from vitlab.models.pos_embed import PosEmbed, build_position_encoding
 from vitlab.models.stems import PIXEL_STEMS, RESNET_LAYERS, StemKind, build_stem, encoder_depth
 
@@ -93,6 +94,14 @@ class VisionTransformer(nn.Module):
             of L drops its residual branches with rate drop_path_rate * i / (L - 1),
             the linear rule of Huang et al. 0.0 (off) in the paper configs; no
             parameters, so the state dict is the same at any rate.
+        flexi_patch_sizes: FlexiViT training (Beyer et al., 2023; `flexi.py`): each
+            training step runs at a patch size drawn uniformly from this list, the
+            stored kernel and position table resampled to it on the fly; the
+            parameters keep `patch_size` and its grid. None (off) by default.
+        token_merging: ToMe (Bolya et al., 2023; `tome.py`): tokens merged in every
+            block, r; 0 is off. An attribute that may be changed between calls.
+        patch_dropout: PatchDropout (Liu et al., 2023; `patch_dropout.py`): the share
+            of patch tokens each training image drops; 0.0 is off, eval sees all.
     """
 
     def __init__(
@@ -119,6 +128,9 @@ class VisionTransformer(nn.Module):
         attention_backend: AttentionBackend = "auto",
         channels_last: bool = False,
         drop_path_rate: Rate = 0.0,
+        flexi_patch_sizes: Sequence[Size] | None = None,
+        token_merging: NonNegativeInt = 0,
+        patch_dropout: Rate = 0.0,
     ) -> None:
         super().__init__()
         if classifier not in ("token", "gap"):
@@ -143,6 +155,13 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = channels_last
         self.num_prefix_tokens = 1 if classifier == "token" else 0
+        self.flexi_patch_sizes = list(flexi_patch_sizes) if flexi_patch_sizes else None
+        if patch_dropout and pos_embed in NEEDS_EVERY_TOKEN:
+            raise ValueError(
+                f"patch_dropout={patch_dropout} drops patch tokens, but pos_embed={pos_embed!r} "
+                f"needs every token of the grid; use it with pos_embed learned, sincos2d or none"
+            )
+        self.token_merging = token_merging
 
         self.patch_embed = PatchEmbed(
             cells,
@@ -160,6 +179,7 @@ class VisionTransformer(nn.Module):
             hidden_size=hidden_size,
             num_heads=num_heads,
         )
+        self.patch_dropout = PatchDropout(patch_dropout, self.num_prefix_tokens)
         self.pos_drop = nn.Dropout(dropout_rate)
         depth = encoder_depth(stem, num_layers)  # one block fewer with the conv stem
         self.blocks = nn.ModuleList(
@@ -205,6 +225,7 @@ class VisionTransformer(nn.Module):
             cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0]).to(x.dtype)
             x = torch.cat([cls, x], dim=1)
         x = self.pos_embed(x, grid)
+        x = self.patch_dropout(x)  # training only: a random share of the patch tokens
         return self.pos_drop(x), grid
 
     def encoder(

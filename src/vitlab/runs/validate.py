@@ -267,7 +267,12 @@ def _cross_key_problems(values: Mapping[str, Any], gpu_available: bool | None) -
     model = values.get("model") or {}
     data = values.get("data") or {}
     trainer = values.get("trainer") or {}
-    found = [*_patch_problems(model), *_head_problems(model), *_batch_problems(data, trainer)]
+    found = [
+        *_patch_problems(model),
+        *_dynamic_patch_problems(model),
+        *_head_problems(model),
+        *_batch_problems(data, trainer),
+    ]
     try:
         check_trainer(trainer, gpu_available)
     except ConfigError as err:
@@ -299,24 +304,57 @@ def _ints(*values: Any) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
-def _patch_problems(model: Mapping[str, Any]) -> list[str]:
+def _patch_problems(
+    model: Mapping[str, Any], patch_size: Any = _ABSENT, where: str | None = None
+) -> list[str]:
     """The stem can make the patches (`stems.stem_patch_problem`), and they tile the image,
-    or the ResNet stem's feature map of it (`layers.patch_grid`)."""
+    or the ResNet stem's feature map of it (`layers.patch_grid`). `patch_size`: another
+    size than the model's to check (a FlexiViT size), reported as `where` (`key=value`)."""
     from vitlab.models.layers import patch_grid
     from vitlab.models.stems import stem_patch_problem
 
-    image_size, patch_size = model.get("image_size"), model.get("patch_size")
+    image_size = model.get("image_size")
+    patch_size = model.get("patch_size") if patch_size is _ABSENT else patch_size
+    where = where or f"model.patch_size={patch_size}"
     stem = model.get("stem")
     stride = _stem_stride(model)
     if not _ints(image_size, patch_size) or stride == 0:
         return []
     if problem := stem_patch_problem(stem, patch_size):
-        return [f"model.patch_size={patch_size} is not valid: {problem}"]
+        return [f"{where} is not valid: {problem}"]
     try:
         patch_grid(image_size, patch_size, stride)
     except ValueError as err:
-        return [f"model.patch_size={patch_size} is not valid: {err}"]
+        return [f"{where} is not valid: {err}"]
     return []
+
+
+def _dynamic_patch_problems(model: Mapping[str, Any]) -> list[str]:
+    """Each FlexiViT size tiles the image as `patch_size` must; token merging and PatchDropout
+    change the token set, which CPVT's PEG (the grid after block 0) and rope2d (each
+    token's place) cannot follow (`patch_dropout.NEEDS_EVERY_TOKEN`)."""
+    from vitlab.models.patch_dropout import NEEDS_EVERY_TOKEN
+
+    found = []
+    sizes = model.get("flexi_patch_sizes")
+    if isinstance(sizes, (list, tuple)):
+        if not sizes:
+            found.append(
+                str(Problem("model.flexi_patch_sizes", sizes, "give patch sizes, or null for off"))
+            )
+        for size in sizes:
+            found += _patch_problems(model, size, f"model.flexi_patch_sizes={sizes}")
+    pos_embed = model.get("pos_embed")
+    if pos_embed in NEEDS_EVERY_TOKEN:
+        for key in ("token_merging", "patch_dropout"):
+            value = model.get(key)
+            if is_number(value) and value > 0:
+                found.append(
+                    f"model.{key}={value} changes which tokens the blocks see, but "
+                    f"model.pos_embed={pos_embed} needs every token of the patch grid; use "
+                    f"pos_embed learned, sincos2d or none with it, or model.{key}=0"
+                )
+    return found
 
 
 def _stem_stride(model: Mapping[str, Any]) -> int | None:
