@@ -1,5 +1,8 @@
 """Compare runs: `python src/compare.py logs/train/multiruns/<time>` (or run folders + `--out DIR`).
 
+An eval sweep (`logs/eval/multiruns/<time>`, e.g. one checkpoint at several patch sizes)
+compares the same way, by `test/acc` and the test loop's throughput.
+
 Prints a table of the jobs (varied overrides, status, final metrics, throughput), best
 first, and writes `compare.md`, `compare.csv` and PNG plots beside them. No server needed:
 everything is read from the run folders (`vitlab.reports`).
@@ -21,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("folders", nargs="+", type=Path, help="a multirun folder, or run folders")
     parser.add_argument(
         "--metric",
-        help="sort by this final metric (default: the runs' optimized_metric, else val/acc)",
+        help="sort by this final metric (default: the runs' optimized_metric, "
+        "else test/acc for eval runs, else val/acc)",
     )
     parser.add_argument(
         "--out", type=Path, help="where to write the table and plots (default: the folder given)"

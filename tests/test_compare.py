@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
 import os
@@ -27,7 +28,12 @@ GRID = list(itertools.product(PATCH_SIZES, POS_EMBEDS, PRECISIONS))
 FAILED_JOB = 5
 FAILURE = "NonFiniteLossError: the training loss became nan at step 7"
 VARIED = ["model.patch_size", "model.pos_embed", "trainer.precision"]
-PLOTS = ("val_acc_curves.png", "acc_vs_patch_size.png", "acc_vs_throughput.png")
+PLOTS = (
+    "val_acc_curves.png",
+    "acc_vs_patch_size.png",
+    "acc_vs_throughput.png",
+    "throughput_vs_patch_size.png",
+)
 CSV_COLUMNS = [
     "epoch", "step", "lr-AdamW/pg1", "train/loss_step", "val/acc", "val/loss",
     "train/loss_epoch", "train/acc", "train/samples_per_sec", "test/acc",
@@ -128,6 +134,65 @@ def write_sweep(sweep: Path) -> Path:
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     return write_sweep(tmp_path / "multiruns" / "2026-11-22_03-40-00")
+
+
+EVAL_PATCH_SIZES = (2, 4, 8)
+CKPT = "logs/train/runs/2026-11-22_03-40-00/checkpoints/last.ckpt"
+
+
+def eval_acc(patch_size: int) -> float:
+    """One checkpoint trained at patch 4: best at its own size."""
+    return {2: 0.91, 4: 0.97, 8: 0.88}[patch_size]
+
+
+def eval_speed(patch_size: int) -> float:
+    return 100.0 * patch_size**2
+
+
+def write_eval_job(job: Path, overrides: list[str], metrics: dict[str, float]) -> None:
+    """One job of `src/eval.py -m`: the model node holds only what the command line added."""
+    added = reports.parse_overrides(overrides)
+    config = {
+        "task_name": "eval",
+        "ckpt_path": CKPT,
+        "model": {
+            key.removeprefix("model."): yaml.safe_load(value)
+            for key, value in added.items()
+            if key.startswith("model.")
+        },
+        "trainer": {"precision": "32-true"},
+        "callbacks": {"throughput": {"_target_": "vitlab.training.callbacks.ImageThroughput"}},
+    }
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    status = {"status": "completed", "error": None, "overrides": overrides}
+    (job / "status.json").write_text(json.dumps(status))
+
+
+@pytest.fixture
+def eval_sweep(tmp_path: Path) -> Path:
+    """`src/eval.py -m ckpt_path=... +model.patch_size=2,4,8`, as the pipeline leaves it."""
+    sweep = tmp_path / "eval" / "multiruns" / "2026-11-22_04-00-00"
+    for number, patch_size in enumerate(EVAL_PATCH_SIZES):
+        metrics = {
+            "test/acc": eval_acc(patch_size),
+            "test/loss": 0.3,
+            "test/samples_per_sec": eval_speed(patch_size),
+            "test/mfu": 0.01,
+        }
+        overrides = [f"ckpt_path={CKPT}", f"+model.patch_size={patch_size}"]
+        write_eval_job(sweep / str(number), overrides, metrics)
+    return sweep
+
+
+def run_compare(*args: str | Path) -> int:
+    """`src/compare.py`'s `main(args)`, in-process."""
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "src" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(arg) for arg in args])
 
 
 @pytest.fixture
@@ -318,3 +383,60 @@ def test_the_notebook_runs_on_a_sweep_given_by_the_environment(sweep, monkeypatc
         if "image/png" in output.get("data", {})
     ]
     assert len(images) == len(PLOTS)
+
+
+def test_an_eval_sweep_over_patch_size_is_ranked_by_test_acc_with_its_test_throughput(
+    eval_sweep, capsys
+):
+    assert run_compare(eval_sweep) == 0
+    assert "Runs by test/acc" in capsys.readouterr().out
+    with (eval_sweep / "compare.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == [
+        "job", "model.patch_size", "status", "test/acc", "test/loss", "test/samples_per_sec",
+    ]  # fmt: skip
+    assert [row["model.patch_size"] for row in rows] == ["4", "2", "8"]
+    assert [float(row["test/samples_per_sec"]) for row in rows] == [1600.0, 400.0, 6400.0]
+    for name in ("compare.md", "compare.csv", *PLOTS):
+        assert (eval_sweep / name).stat().st_size > 0, name
+
+
+def test_an_eval_sweep_plots_test_acc_and_test_throughput_against_patch_size(eval_sweep):
+    runs = reports.load_runs([eval_sweep])
+    [acc] = reports.plot_metric_vs_patch_size(runs, reports.optimized_metric(runs)).axes
+    [speed] = reports.plot_throughput_vs_patch_size(runs).axes
+    assert acc.get_ylabel() == "test/acc"
+    assert speed.get_ylabel() == "test/samples_per_sec (images/s)"
+    [acc_line], [speed_line] = acc.lines, speed.lines
+    assert list(acc_line.get_xdata()) == list(speed_line.get_xdata()) == [2, 4, 8]
+    assert list(acc_line.get_ydata()) == [eval_acc(p) for p in EVAL_PATCH_SIZES]
+    assert list(speed_line.get_ydata()) == [eval_speed(p) for p in EVAL_PATCH_SIZES]
+
+
+def test_a_training_sweep_plots_its_training_throughput_against_patch_size(sweep):
+    fig = reports.plot_throughput_vs_patch_size(reports.load_runs([sweep]))
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]  # a panel per precision, a line per pos
+    assert fig.axes[0].get_ylabel() == "train/samples_per_sec (images/s)"
+    fp32_learned = fig.axes[0].lines[0]
+    assert list(fp32_learned.get_xdata()) == list(PATCH_SIZES)
+    assert list(fp32_learned.get_ydata()) == [1000.0 / p for p in PATCH_SIZES]
+
+
+@pytest.mark.parametrize(
+    ("key", "values"),
+    [
+        ("model.token_merging", ["0", "4", "8"]),
+        ("model.patch_dropout", ["0.0", "0.5"]),
+        ("model.flexi_patch_sizes", ["[2,4,8]", "null"]),
+    ],
+)
+def test_a_dynamic_patch_key_swept_is_a_column_like_any_other(tmp_path, key, values):
+    sweep = tmp_path / "multiruns" / "2026-11-22_05-00-00"
+    for number, value in enumerate(values):
+        overrides = [f"ckpt_path={CKPT}", "+model.patch_size=4", f"+{key}={value}"]
+        write_eval_job(sweep / str(number), overrides, {"test/acc": 0.9 - 0.01 * number})
+    runs = reports.load_runs([sweep])
+    assert reports.varied_keys(runs) == [key]
+    table = reports.comparison_table(runs, [key], "test/acc")
+    assert table.columns[:3] == ["job", key, "status"]
+    assert [row[key] for row in table.rows] == values

@@ -6,13 +6,14 @@ this package as `from vitlab import reports`. By job:
 - `runs`: run folders -> `Run` (config, overrides, status, metrics, history);
 - `wandb_log`: the offline W&B transaction log, for runs logged only to W&B;
 - `table`: the best-first `Comparison` and its Rich / Markdown / CSV forms;
-- `plots`: the three plots, and `write_report`, which writes table and plots to disk.
+- `plots`: the four plots, and `write_report`, which writes table and plots to disk.
 """
 
 from vitlab.reports.plots import (
     PLOT_FILES,
     plot_metric_vs_patch_size,
     plot_metric_vs_throughput,
+    plot_throughput_vs_patch_size,
     plot_val_curves,
     run_label,
     write_report,
@@ -37,6 +38,7 @@ from vitlab.reports.table import (
     optimized_metric,
     print_table,
     sort_runs,
+    throughput_of,
     to_markdown,
     varied_keys,
     write_csv,
@@ -62,12 +64,14 @@ __all__ = [
     "parse_overrides",
     "plot_metric_vs_patch_size",
     "plot_metric_vs_throughput",
+    "plot_throughput_vs_patch_size",
     "plot_val_curves",
     "print_table",
     "read_metrics_csv",
     "read_wandb_run",
     "run_label",
     "sort_runs",
+    "throughput_of",
     "to_markdown",
     "varied_keys",
     "wandb_records",

@@ -6,7 +6,7 @@ window, and `savefig` renders PNG with the Agg backend, so this works headless.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vitlab.reports.runs import Run, float_or_none
-from vitlab.reports.table import THROUGHPUT, comparison_table, to_markdown, varied_keys, write_csv
+from vitlab.reports.table import (
+    THROUGHPUTS,
+    comparison_table,
+    throughput_of,
+    to_markdown,
+    varied_keys,
+    write_csv,
+)
 
 CURVE_METRIC = "val/acc"
-# The axes of `acc_vs_patch_size.png`: x, one line per value, one subplot per value.
+# The axes of `acc_vs_patch_size.png` and `throughput_vs_patch_size.png`: x, one line per
+# value, one subplot per value.
 PATCH_SIZE, POS_EMBED, PRECISION = "model.patch_size", "model.pos_embed", "trainer.precision"
-PLOT_FILES = ("val_acc_curves.png", "acc_vs_patch_size.png", "acc_vs_throughput.png")
+PLOT_FILES = (
+    "val_acc_curves.png",
+    "acc_vs_patch_size.png",
+    "acc_vs_throughput.png",
+    "throughput_vs_patch_size.png",
+)
 
 
 def run_label(run: Run, varied: Sequence[str]) -> str:
@@ -60,8 +73,29 @@ def plot_val_curves(
 
 def plot_metric_vs_patch_size(runs: Sequence[Run], metric: str) -> Figure:
     """Final `metric` against `model.patch_size`: a line per `model.pos_embed`, a subplot per
-    `trainer.precision`. A key that does not vary gives one line or one subplot."""
-    done = [run for run in runs if float_or_none(run.metrics.get(metric)) is not None]
+    `trainer.precision`. A key that does not vary gives one line or one subplot.
+
+    `model.patch_size` is the overridden value where there is one: an eval sweep
+    (`src/eval.py -m +model.patch_size=2,4,8`) plots one checkpoint at each size.
+    """
+    return _plot_vs_patch_size(runs, lambda run: float_or_none(run.metrics.get(metric)), metric)
+
+
+def plot_throughput_vs_patch_size(runs: Sequence[Run]) -> Figure:
+    """Images/s against `model.patch_size`, laid out as `plot_metric_vs_patch_size`.
+
+    A run's images/s is its training's, or its test loop's for an eval run (`throughput_of`).
+    """
+    label = f"{_throughput_name(runs)} (images/s)"
+    return _plot_vs_patch_size(runs, _images_per_sec, label)
+
+
+def _plot_vs_patch_size(
+    runs: Sequence[Run], value_of: Callable[[Run], float | None], ylabel: str
+) -> Figure:
+    """`value_of(run)` against `model.patch_size`, a line per position encoding, a subplot per
+    precision; runs without a value or a patch size are left out."""
+    done = [run for run in runs if value_of(run) is not None]
     facets = sorted({_as_label(run.value(PRECISION)) for run in done}) or ["-"]
     lines = sorted({_as_label(run.value(POS_EMBED)) for run in done})
     fig = Figure(figsize=(5 * len(facets), 4.5), layout="constrained")
@@ -70,7 +104,7 @@ def plot_metric_vs_patch_size(runs: Sequence[Run], metric: str) -> Figure:
         facet = [run for run in done if _as_label(run.value(PRECISION)) == precision]
         for color, pos_embed in enumerate(lines):
             points = sorted(
-                (float_or_none(run.value(PATCH_SIZE)), run.metrics[metric])
+                (float_or_none(run.value(PATCH_SIZE)), value_of(run))
                 for run in facet
                 if _as_label(run.value(POS_EMBED)) == pos_embed
                 and float_or_none(run.value(PATCH_SIZE)) is not None
@@ -82,20 +116,22 @@ def plot_metric_vs_patch_size(runs: Sequence[Run], metric: str) -> Figure:
             ax.legend(fontsize="small")
             ax.set_xticks(sorted({x for line in ax.lines for x in line.get_xdata()}))
         else:
-            _explain_empty_axes(ax, f"no finished run with {metric} and {PATCH_SIZE}")
-        ax.set(xlabel=PATCH_SIZE, ylabel=metric, title=f"{PRECISION}={precision}")
+            _explain_empty_axes(ax, f"no finished run with {ylabel} and {PATCH_SIZE}")
+        ax.set(xlabel=PATCH_SIZE, ylabel=ylabel, title=f"{PRECISION}={precision}")
         ax.grid(alpha=0.3)
     return fig
 
 
 def plot_metric_vs_throughput(runs: Sequence[Run], varied: Sequence[str], metric: str) -> Figure:
-    """Final `metric` against training throughput (images/s), one labelled point per run."""
+    """Final `metric` against throughput (images/s), one labelled point per run: training
+    throughput, or the test loop's for an eval run (`throughput_of`)."""
     points = [
-        (run, run.metrics[THROUGHPUT], run.metrics[metric])
+        (run, speed, run.metrics[metric])
         for run in runs
-        if float_or_none(run.metrics.get(THROUGHPUT)) is not None
+        if (speed := _images_per_sec(run)) is not None
         and float_or_none(run.metrics.get(metric)) is not None
     ]
+    names = _throughput_name([run for run, _, _ in points])
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     for run, speed, value in points:
@@ -109,14 +145,14 @@ def plot_metric_vs_throughput(runs: Sequence[Run], varied: Sequence[str], metric
         )
     ax.margins(x=0.25, y=0.1)  # room for the labels
     if not points:
-        _explain_empty_axes(ax, f"no finished run with {metric} and {THROUGHPUT}")
-    ax.set(xlabel=f"{THROUGHPUT} (images/s)", ylabel=metric, title=f"{metric} vs throughput")
+        _explain_empty_axes(ax, f"no finished run with {metric} and {names}")
+    ax.set(xlabel=f"{names} (images/s)", ylabel=metric, title=f"{metric} vs throughput")
     ax.grid(alpha=0.3)
     return fig
 
 
 def write_report(runs: Sequence[Run], out_dir: Path, metric: str) -> list[Path]:
-    """Write `compare.md`, `compare.csv` and the three plots into `out_dir`; return their paths.
+    """Write `compare.md`, `compare.csv` and the four plots (`PLOT_FILES`) into `out_dir`; return their paths.
 
     `runs` are written in the order given (sort them first with `sort_runs`).
     """
@@ -130,11 +166,24 @@ def write_report(runs: Sequence[Run], out_dir: Path, metric: str) -> list[Path]:
         plot_val_curves(runs, varied),
         plot_metric_vs_patch_size(runs, metric),
         plot_metric_vs_throughput(runs, varied, metric),
+        plot_throughput_vs_patch_size(runs),
     )
     plots = [out_dir / name for name in PLOT_FILES]
     for fig, path in zip(figures, plots, strict=True):
         fig.savefig(path, dpi=120)
     return [markdown, table_csv, *plots]
+
+
+def _images_per_sec(run: Run) -> float | None:
+    """The run's throughput (`throughput_of`), None if it has none."""
+    speed = throughput_of(run)
+    return speed[1] if speed else None
+
+
+def _throughput_name(runs: Sequence[Run]) -> str:
+    """The throughput metrics the runs have, `a / b`, for an axis; the training one if none."""
+    names = dict.fromkeys(speed[0] for run in runs if (speed := throughput_of(run)))
+    return " / ".join(names) or THROUGHPUTS[0]
 
 
 def _as_label(value: Any) -> str:

@@ -2,7 +2,8 @@
 
 A run is read from the files the pipeline leaves in its folder:
 
-- `.hydra/config.yaml`: the composed config (interpolations resolved where they can be);
+- `.hydra/config.yaml`: the composed config (interpolations resolved where they can be), and
+  `run_config.yaml`, where an eval run saves the model and data it took from its checkpoint;
 - `.hydra/overrides.yaml`, else `status.json`'s `overrides`: the command-line overrides;
 - `status.json`: `status` (completed | failed) and `error`;
 - `metrics.json`: the final metrics;
@@ -152,6 +153,8 @@ def load_run(path: Path, name: str | None = None) -> Run:
         overrides = status.get("overrides", []) if status else []
     run.overrides = parse_overrides(overrides)
     run.config = _read_flat_config(path / ".hydra" / "config.yaml")
+    # An eval run also saves the model and data it took from its checkpoint (`tasks.evaluate`).
+    run.config.update(_read_flat_config(path / "run_config.yaml"))
     metrics_csv = path / "csv" / "metrics.csv"
     if metrics_csv.is_file():
         run.history = read_metrics_csv(metrics_csv)

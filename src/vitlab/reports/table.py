@@ -16,21 +16,39 @@ from typing import Any
 import rich
 from rich.table import Table
 
-from vitlab.reports.runs import Run
+from vitlab.reports.runs import Run, float_or_none
 
 DEFAULT_METRIC = "val/acc"
+# The metric a run without `optimized_metric` is judged by, by its `task_name`: an eval run
+# (`src/eval.py`) has no validation, only the test split.
+TASK_METRICS = {"eval": "test/acc"}
 THROUGHPUT = "train/samples_per_sec"
+# The test loop's images/s, which an eval run logs (`conf/callbacks/eval.yaml`).
+TEST_THROUGHPUT = "test/samples_per_sec"
+# A run's throughput is the first of these it has: a training run's speed is its training's.
+THROUGHPUTS = (THROUGHPUT, TEST_THROUGHPUT)
 # Final metrics shown when at least one run has them, in this order (the sort metric first).
 METRIC_COLUMNS = ("test/acc", "val/acc", "test/loss", "val/loss", "train/acc", "train/loss")
 
 
 def optimized_metric(runs: Sequence[Run]) -> str:
-    """The metric the sweep optimised: the runs' `optimized_metric` config key, else `val/acc`."""
+    """The metric the sweep optimised: the runs' `optimized_metric` config key, else the
+    metric of their task (`test/acc` for eval runs), else `val/acc`."""
     for run in runs:
         metric = run.config.get("optimized_metric")
         if isinstance(metric, str) and metric:
             return metric
-    return DEFAULT_METRIC
+    tasks = [run.config.get("task_name") for run in runs]
+    return next((TASK_METRICS[task] for task in tasks if task in TASK_METRICS), DEFAULT_METRIC)
+
+
+def throughput_of(run: Run) -> tuple[str, float] | None:
+    """The run's images/s and the metric it came from (`THROUGHPUTS`, the first it has); None: none."""
+    for name in THROUGHPUTS:
+        value = float_or_none(run.metrics.get(name))
+        if value is not None:
+            return name, value
+    return None
 
 
 def higher_is_better(metric: str) -> bool:
@@ -72,8 +90,7 @@ def comparison_table(runs: Sequence[Run], varied: Sequence[str], metric: str) ->
     """
     wanted = [metric, *(m for m in METRIC_COLUMNS if m != metric)]
     metrics = [m for m in wanted if m == metric or any(m in run.metrics for run in runs)]
-    if any(THROUGHPUT in run.metrics for run in runs):
-        metrics.append(THROUGHPUT)
+    metrics += [name for name in THROUGHPUTS if any(name in run.metrics for run in runs)]
     errors = ["error"] if any(run.error for run in runs) else []
     columns = ["job", *varied, "status", *metrics, *errors]
     rows = [
@@ -94,7 +111,7 @@ def format_value(value: Any, column: str) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.1f}" if column == THROUGHPUT else f"{value:.4f}"
+        return f"{value:.1f}" if column in THROUGHPUTS else f"{value:.4f}"
     return str(value)
 
 

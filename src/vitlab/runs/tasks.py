@@ -41,6 +41,7 @@ from vitlab.training.allocator import retain_freed_memory
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.yaml"
 
 
 def prepare_run(cfg: DictConfig) -> None:
@@ -108,6 +109,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         cfg.loss = run_cfg.get("loss", run_cfg.get("classifier", {}))
     fill_num_classes(cfg)
     check_run(cfg)
+    save_run_config(cfg, cfg.paths.output_dir)
     with _wandb_run_closed_after():
         prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
@@ -129,6 +131,15 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         for k, v in metrics.items()
         if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
     }
+
+
+@rank_zero_only
+def save_run_config(cfg: DictConfig, output_dir: str) -> None:
+    """Write `<output_dir>/run_config.yaml`: the config as run, with the model and data that
+    came from the checkpoint, which Hydra's `.hydra/config.yaml` of an eval run lacks
+    (`vitlab.reports.runs` reads both, so `compare.py` knows what an eval job tested)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(output_dir) / RUN_CONFIG_FILE)
 
 
 @rank_zero_only  # DDP ranks share the folder; rank 0 writes and prints
