@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Interval
 
-from vitlab.bounds import Rate
+from vitlab.bounds import Count, Rate
 
 # Lightning's `seed_everything` takes seeds in this range.
 Seed = Annotated[int, Interval(ge=0, le=2**32 - 1)]
@@ -49,10 +49,40 @@ class EvalSettings(RunSettings):
 
 
 @dataclass(kw_only=True)
+class PredictSettings(RunSettings):
+    """Top-level keys of `conf/predict.yaml` (its comments say what each does)."""
+
+    # Nothing in prediction is random: no seed by default.
+    seed: Seed | None = None
+    model_path: str
+    inputs: str
+    top_k: Count = 5
+    batch_size: Count = 32
+    out: str | None = None
+    timm_name: str | None = None
+
+
+@dataclass(kw_only=True)
+class ExportSettings(RunSettings):
+    """Top-level keys of `conf/export.yaml` (its comments say what each does)."""
+
+    ckpt_path: str
+    timm_name: str | None = None
+    format: Literal["onnx", "pt2"] = "onnx"
+    quantize: Literal["int8"] | None = None
+    opset: Annotated[int, Interval(ge=18)] = 20
+    check_images: Count | None = 512
+    batch_size: Count = 32
+    latency_batches: Count = 5
+
+
+@dataclass(kw_only=True)
 class BenchRunSettings(RunSettings):
     """Top-level keys of `conf/bench.yaml` (its `bench` node is `vitlab.bench.race.BenchSettings`)."""
 
     compile: bool | dict[str, Any] | None = False
+    # A run checkpoint whose model and test split `bench.task=token_merging` measures.
+    ckpt_path: str | None = None
 
 
 @dataclass(kw_only=True)

@@ -160,7 +160,12 @@ RULES: dict[str, Rule] = {
 }
 
 # The nodes that configure no class, by entry point (`task_name`), and the dataclass each mirrors.
-SETTINGS = {"train": settings.TrainSettings, "eval": settings.EvalSettings}
+SETTINGS = {
+    "train": settings.TrainSettings,
+    "eval": settings.EvalSettings,
+    "predict": settings.PredictSettings,
+    "export": settings.ExportSettings,
+}
 NODES = {"loss": settings.Loss, "extras": settings.Extras, "paths": settings.Paths}
 # Nodes of `_target_` nodes, one per entry (`callbacks.model_checkpoint`, `logger.csv`).
 COLLECTIONS = ("callbacks", "logger")
