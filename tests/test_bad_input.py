@@ -185,6 +185,11 @@ REFUSED = [
     ),
     (
         "train",
+        ["model.flexi_patch_sizes=[4,8]", "model.stem=conv", "model.patch_size=8"],
+        r"model.flexi_patch_sizes=\[4, 8\] is not valid: the conv stem is built for patch_size=8 .* multiple of 8",
+    ),
+    (
+        "train",
         ["model.pos_embed=conditional", "model.token_merging=4"],
         r"model.token_merging=4 changes which tokens .* model.pos_embed=conditional needs every token",
     ),

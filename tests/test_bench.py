@@ -13,8 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from tests.conftest import compose_config
 from vitlab.bench.race import BenchSettings, bench
 from vitlab.bench.timm_models import timm_model
+from vitlab.bench.token_merging import bench_token_merging
 from vitlab.errors import ConfigError
-from vitlab.runs.build import build_backbone
+from vitlab.runs.build import build_backbone, build_classifier
 
 TINY = (
     "model=vit_tiny",
@@ -159,3 +160,52 @@ def test_a_fit_that_stops_before_the_race_is_over_is_an_error(make_cfg, monkeypa
     cfg = make_cfg(*TINY, "bench.timm=false", config_name="bench")
     with pytest.raises(RuntimeError, match=r"the fit stopped after 2 steps"):
         bench(cfg)
+
+
+TOKEN_MERGING = (*TINY, "bench.task=token_merging", "bench.token_merging=[0,2,8]")
+
+
+def test_token_merging_bench_measures_every_r_with_random_weights(make_cfg):
+    cfg = make_cfg(*TOKEN_MERGING, config_name="bench")
+    numbers = bench_token_merging(cfg)
+    folder = Path(cfg.paths.output_dir)
+    rows = json.loads((folder / "bench.json").read_text())["token_merging"]
+    assert [row["tokens_per_block"] for row in rows] == [[17, 17], [17, 15], [17, 9]]
+    assert all(row["images_per_sec"] > 0 and row["test_acc"] is None for row in rows)
+    assert set(numbers) == {f"r={r}/images_per_sec" for r in (0, 2, 8)}
+    assert "| 8 | 17 → 9 |" in (folder / "bench.md").read_text()
+
+
+def test_token_merging_bench_tests_a_checkpoint_on_its_own_data(make_cfg, tmp_path):
+    run = make_cfg(
+        "data.image_size=8",
+        "model.patch_size=4",
+        "model.hidden_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.mlp_dim=32",
+    )
+    classifier = build_classifier(run, with_optimizer=False)
+    path = tmp_path / "last.ckpt"
+    torch.save(
+        {"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, path
+    )
+    cfg = make_cfg(
+        *TOKEN_MERGING, f"ckpt_path={path}", "bench.token_merging=[0,1]", config_name="bench"
+    )
+    numbers = bench_token_merging(cfg)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["input_shape"] == [1, 8, 8], "the checkpoint's data (digits), not the bench's"
+    assert [row["tokens_per_block"] for row in report["token_merging"]] == [[5], [5]]
+    assert 0.0 <= numbers["r=1/test_acc"] <= 1.0 and "r=0/test_acc" in numbers
+
+
+def test_token_merging_bench_refuses_an_encoding_that_cannot_merge(make_cfg):
+    cfg = make_cfg(*TOKEN_MERGING, "model.pos_embed=rope2d", config_name="bench")
+    with pytest.raises(ConfigError, match=r"bench.token_merging=\[0, 2, 8\].*pos_embed='rope2d'"):
+        bench_token_merging(cfg)
+
+
+def test_token_merging_r_must_be_distinct_non_negative_integers():
+    with pytest.raises(ConfigError, match=r"bench.token_merging=\[4, -1\] must be a list"):
+        BenchSettings(token_merging=[4, -1])

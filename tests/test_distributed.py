@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.conftest import run_train_py, tiny_vit
 from vitlab.errors import ConfigError
 from vitlab.models import MlpMixer
+from vitlab.models.flexi import draw_patch_size
 from vitlab.models.layers import Block
 from vitlab.models.mixer import MixerBlock
 from vitlab.runs.build import build_classifier
@@ -48,6 +49,7 @@ PROBE = (
     "+callbacks.probe.dirpath=${paths.output_dir}",
 )
 GPU_TRAINERS = ("ddp", "ddp_8gpu", "fsdp", "multinode")
+FLEXI_SIZES = [2, 4, 8]
 
 
 def _train_py(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -216,6 +218,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One epoch of 3 steps on 2 ranks, then the test split with the best checkpoint.
 
     Validation and test sets of odd size (201, 299) give the ranks shards of unequal size.
+    FlexiViT is on, so that the ranks' drawn patch sizes can be compared.
     """
     cwd = tmp_path_factory.mktemp("ddp_run")
     result = _train_py(
@@ -228,6 +231,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         "data.test_size=299",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=3",
+        f"model.flexi_patch_sizes=[{','.join(map(str, FLEXI_SIZES))}]",
     )
     return cwd, result
 
@@ -244,6 +248,17 @@ def test_ddp_cpu_trains_two_ranks_in_one_run_folder(ddp_run):
     assert _json(runs[0] / "status.json")["status"] == "completed"
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
     assert result.stdout.count("Final metrics") == 1, "only rank 0 writes and prints the metrics"
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_the_same_flexi_patch_size_at_every_step(ddp_run):
+    cwd, result = ddp_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (cwd / "logs" / "train" / "runs").iterdir()
+    rank0, rank1 = _ranks(run)
+    seed = rank0["config"]["seed"]
+    expected = [draw_patch_size(FLEXI_SIZES, seed, step) for step in range(3)]
+    assert rank0["patch_sizes"] == rank1["patch_sizes"] == expected
 
 
 @pytest.mark.slow

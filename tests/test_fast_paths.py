@@ -4,7 +4,8 @@ Each fast path (`make bench` measures what it buys) is checked against the
 straightforward computation it replaces, forward and backward:
 
 - a class-token ViT runs its last block for the class token only
-  (`fast.class_token_block`), against `forward_head(forward_features(x))`;
+  (`fast.class_token_block`), against `forward_head(forward_features(x))`, with
+  token merging too (its proportional attention reaches that block);
 - Mixer's token mixing multiplies from the left with the residual folded in
   (`fast.token_mixing`), against the paper's transposed `MixerBlock.mix_tokens`;
 - a StdConv2d pads symmetric SAME padding inside the conv (`fast.conv2d_padded`),
@@ -55,6 +56,7 @@ CLASS_TOKEN_MODELS = {
     "rope2d": lambda: tiny_vit(pos_embed="rope2d"),
     "hybrid": tiny_hybrid,
     "checkpointed": lambda: tiny_vit(grad_checkpointing=True),
+    "token_merging": lambda: tiny_vit(token_merging=3),  # proportional attention in the last block
 }
 
 

@@ -69,6 +69,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 RANDOM_MODELS = {
     "vit": ("model=vit_tiny", "model.dropout_rate=0.1"),
     "gmlp": ("model=gmlp_tiny", "model.drop_path_rate=0.1"),
+    "vit_dynamic": ("model=vit_tiny", "model.flexi_patch_sizes=[4,8]", "model.patch_dropout=0.25"),
 }
 
 

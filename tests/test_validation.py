@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONFIG_GROUPS, config_options
 from vitlab.errors import ConfigError
-from vitlab.runs.validate import check_run
+from vitlab.runs.validate import check_run, patch_size_change_problem
 
 # Every pickable group but sweep (a sweep is a multirun, checked by tests/test_sweep.py).
 GROUPS = [group for group in CONFIG_GROUPS if group != "sweep"]
@@ -129,3 +129,25 @@ def test_every_problem_is_reported_at_once(make_cfg):
         "model.num_heads=3",
     ):
         assert f"  - {key} is not valid" in message
+
+
+VIT = "vitlab.models.VisionTransformer"
+
+
+@pytest.mark.parametrize(
+    ("saved", "refused"),
+    [
+        ({"_target_": VIT, "patch_size": 4}, None),
+        ({"_target_": VIT, "patch_size": 4, "stem": "resnet"}, None),
+        (
+            {"_target_": VIT, "patch_size": 4, "stem": "conv"},
+            r"\(stem=conv\) was trained at patch_size=4",
+        ),
+        ({"_target_": "vitlab.models.MlpMixer", "patch_size": 4}, r"\(MlpMixer\) was trained at"),
+        ({"_target_": "vitlab.models.GMlp", "patch_size": 4}, r"\(GMlp\) was trained at"),
+    ],
+)
+def test_only_vits_and_hybrids_are_evaluated_at_another_patch_size(saved, refused):
+    problem = patch_size_change_problem(saved, {**saved, "patch_size": 8})
+    assert (problem is None) if refused is None else re.search(refused, problem)
+    assert patch_size_change_problem(saved, saved) is None

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -75,26 +75,36 @@ from vitlab.training.optim import build_optimizer
 log = logging.getLogger(__name__)
 
 
+# What `src/bench.py` measures: this race, or inference at several ToMe r (`token_merging.py`).
+BenchTask = Literal["race", "token_merging"]
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     """How long to measure: the `bench` node of `conf/bench.yaml`.
 
     Attributes:
+        task: "race" (this module) or "token_merging" (`vitlab.bench.token_merging`).
         warmup_rounds: rounds run first and discarded.
         rounds: measured rounds; every contender runs once per round, in turn.
         steps: timed steps per contender and round (a fit runs one more, untimed).
         timm: race timm's model with the same architecture too.
         peak_matmul_size: side of the square matmul that measures the peak FLOP/s;
             None for `vitlab.training.flops.PEAK_MATMUL_SIZE` of the device.
+        token_merging: the ToMe r that `task=token_merging` measures, one contender each.
     """
 
+    task: BenchTask = "race"
     warmup_rounds: NonNegativeInt = 1
     rounds: Count = 3
     steps: Count = 3
     timm: bool = True
     peak_matmul_size: Count | None = None
+    token_merging: Sequence[NonNegativeInt] = (0, 4, 8, 16)
 
     def __post_init__(self) -> None:
+        if self.task not in get_args(BenchTask):
+            raise ConfigError(f"bench.task={self.task!r} is not one of {list(get_args(BenchTask))}")
         for key, minimum in (("warmup_rounds", 0), ("rounds", 1), ("steps", 1)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -102,6 +112,18 @@ class BenchSettings:
         size = self.peak_matmul_size
         if size is not None and (not isinstance(size, int) or size < 1):
             raise ConfigError(f"bench.peak_matmul_size={size!r} must be a positive integer or null")
+        r = self.token_merging
+        if (
+            isinstance(r, str)
+            or not isinstance(r, Sequence)
+            or not r
+            or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in r)
+            or len(set(r)) != len(r)
+        ):
+            raise ConfigError(
+                f"bench.token_merging={r!r} must be a list of distinct integers >= 0 "
+                "(tokens merged per block; 0 is the model without merging), e.g. [0, 4, 8, 16]"
+            )
 
     @property
     def fit_steps(self) -> int:
@@ -141,7 +163,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     settings = BenchSettings(**OmegaConf.to_container(cfg.bench, resolve=True))
     device = bench_device(cfg.trainer)
     precision = str(cfg.trainer.precision)
-    dtype = _compute_dtype(precision)
+    dtype = compute_dtype(precision)
     timm = timm_model(OmegaConf.to_container(cfg.model, resolve=True)) if settings.timm else None
     prepare_run(cfg)
 
@@ -165,7 +187,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     return {name: value["median"] for name, value in report["ratios"].items()}
 
 
-def _compute_dtype(precision: str) -> torch.dtype:
+def compute_dtype(precision: str) -> torch.dtype:
     """The dtype the run's matmuls run in; a precision without one is a ConfigError."""
     try:
         return precision_dtype(precision)
@@ -181,7 +203,7 @@ def _workload(cfg: DictConfig, device: torch.device, precision: str) -> Workload
     return Workload(device, precision, data, images.to(device, input_dtype_for(precision)))
 
 
-def _param_count(model: nn.Module) -> int:
+def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
@@ -194,10 +216,10 @@ def _ready_to_race(
     options = compile_options(compile_value)
     if options is not None:
         model.compile(**options)
-    if _param_count(model) != _param_count(ours):
+    if param_count(model) != param_count(ours):
         raise RuntimeError(
-            f"{description} has {_param_count(model)} parameters, vitlab's model "
-            f"{_param_count(ours)}: not the same architecture, so no fair race"
+            f"{description} has {param_count(model)} parameters, vitlab's model "
+            f"{param_count(ours)}: not the same architecture, so no fair race"
         )
     return model, description
 
@@ -217,7 +239,7 @@ def _contenders(
         "vitlab",
         None,  # runs inside the one fit: `_race_in_one_fit`
         count_flops(backbone, workload.input_shape, train=True) / workload.batch_size,
-        _param_count(backbone),
+        param_count(backbone),
     )
     bare = [_bare_loop_contender(cfg, source, *model, workload) for source, model in models.items()]
     infer = [_inference_contender(source, *model, workload) for source, model in models.items()]
@@ -246,7 +268,7 @@ def _bare_loop_contender(
         description,
         partial(images_per_second, loop.step, images=workload.batch_size, device=workload.device),
         count_flops(model, workload.input_shape, train=True) / workload.batch_size,
-        _param_count(model),
+        param_count(model),
         peak_step_memory(loop.step, workload.device),
     )
 
@@ -263,7 +285,7 @@ def _inference_contender(
         description,
         loop.run,
         count_flops(model, workload.input_shape, train=False) / workload.batch_size,
-        _param_count(model),
+        param_count(model),
         memory,
     )
 

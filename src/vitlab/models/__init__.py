@@ -1,6 +1,7 @@
 """Backbones in plain PyTorch: no Lightning, no Hydra."""
 
 from vitlab.models.checkpoints import from_official_npz, from_timm, load_pretrained
+from vitlab.models.flexi import resample_flexi_pos_embed, resample_patch_embed
 from vitlab.models.gmlp import GMlp
 from vitlab.models.mixer import MlpMixer
 from vitlab.models.resnet import ResNetV2
@@ -14,4 +15,6 @@ __all__ = [
     "from_official_npz",
     "from_timm",
     "load_pretrained",
+    "resample_flexi_pos_embed",
+    "resample_patch_embed",
 ]

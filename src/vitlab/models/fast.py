@@ -25,30 +25,35 @@ if TYPE_CHECKING:
     from vitlab.models.layers import Attention, Block, GeluApproximate, Mlp, Rotate
 
 
-def class_token_block(block: Block, x: torch.Tensor, rotate: Rotate | None) -> torch.Tensor:
+def class_token_block(
+    block: Block, x: torch.Tensor, rotate: Rotate | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`block(x, rotate)[:, :1]`, (b, 1, d), computing only what the class token needs.
 
     The class-token classifier reads nothing else of the last block: its queries,
     output projection and MLP for the other tokens would be thrown away. Keys and
-    values still come from every token.
+    values still come from every token. `bias` (b, 1, 1, n) is added to the
+    attention logits (token merging's proportional attention, `tome.py`).
     """
-    attended = class_token_attention(block.attn, block.norm1(x), rotate)
+    attended = class_token_attention(block.attn, block.norm1(x), rotate, bias)
     x = x[:, :1] + block.drop_path(block.drop(attended))
     return x + block.drop_path(block.mlp(block.norm2(x)))
 
 
-def class_token_attention(attn: Attention, x: torch.Tensor, rotate: Rotate | None) -> torch.Tensor:
+def class_token_attention(
+    attn: Attention, x: torch.Tensor, rotate: Rotate | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`attn(x, rotate)[:, :1]`: the query of token 0 alone, projected from that token only.
 
     Token 0 is a prefix token, which every position encoding leaves unrotated
-    (`pos_embed.py`), so only the keys are rotated.
+    (`pos_embed.py`), so only the keys are rotated. `bias` as in `Attention.attend`.
     """
     width = x.shape[-1]
     q = F.linear(x[:, :1], attn.qkv.weight[:width], attn.qkv.bias[:width])
     kv = F.linear(x, attn.qkv.weight[width:], attn.qkv.bias[width:])
     q = rearrange(q, "b one (h d) -> b h one d", h=attn.num_heads)
     k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=attn.num_heads)
-    x = attn.attend(q, k if rotate is None else rotate(k), v)
+    x = attn.attend(q, k if rotate is None else rotate(k), v, bias)
     return attn.out(rearrange(x, "b h one d -> b one (h d)"))
 
 

@@ -29,7 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import ConfigError
-from vitlab.models import fast
+from vitlab.models import fast, tome
+from vitlab.models.flexi import resample_patch_embed
 
 LAYER_NORM_EPS = 1e-6
 GeluApproximate = Literal["tanh", "none"]
@@ -144,9 +145,19 @@ class PatchEmbed(nn.Module):
         lecun_normal_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images or feature maps (b, c, H, W) -> tokens (b, h*w, hidden_size) and the grid (h, w)."""
-        x = self.proj(x)
+    def forward(
+        self, x: torch.Tensor, patch_size: int | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images or feature maps (b, c, H, W) -> tokens (b, h*w, hidden_size) and the grid (h, w).
+
+        `patch_size`: cut patches of another size than the kernel's (FlexiViT): the kernel
+        is PI-resized to it (`flexi.resample_patch_embed`) and applied with that stride.
+        """
+        if patch_size is None or patch_size == self.patch_size:
+            x = self.proj(x)
+        else:
+            weight = resample_patch_embed(self.proj.weight, patch_size)
+            x = F.conv2d(x, weight, self.proj.bias, stride=patch_size)
         grid = (x.shape[-2], x.shape[-1])
         return self.norm(rearrange(x, "b d h w -> b (h w) d")), grid
 
@@ -211,29 +222,40 @@ class Attention(nn.Module):
             q, k = rotate(q), rotate(k)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ / sqrt(head_dim)) v on (b, heads, n, head_dim), with attention dropout.
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(head_dim) + bias) v on (b, heads, n, head_dim), with attention dropout.
 
-        Through SDPA, and through the pinned kernel if there is one.
+        Through SDPA, and through the pinned kernel if there is one. `bias`, broadcast
+        to (b, heads, queries, keys), is SDPA's float `attn_mask` (token merging's
+        proportional attention, `tome.py`); None adds nothing.
         """
         dropout_p = self.attention_dropout_rate if self.training else 0.0
+        mask = None if bias is None else bias.to(q.dtype)
         if self.sdpa_backend is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         try:
             with sdpa_kernel(self.sdpa_backend):
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         except RuntimeError as err:
             if "No viable backend" not in str(err):
                 raise
-            raise self._no_kernel_error(q) from err
+            raise self._no_kernel_error(q, masked=mask is not None) from err
 
-    def _no_kernel_error(self, q: torch.Tensor) -> ConfigError:
+    def _no_kernel_error(self, q: torch.Tensor, masked: bool = False) -> ConfigError:
         """The pinned kernel cannot run attention on `q`'s device, dtype and head size."""
         return ConfigError(
             f"model.attention_backend={self.attention_backend!r} has no kernel for this "
-            f"attention ({q.device.type}, {q.dtype}, head_dim {q.shape[-1]}). "
+            f"attention ({q.device.type}, {q.dtype}, head_dim {q.shape[-1]}"
+            f"{', with the attention bias of token merging' if masked else ''}). "
             "On the CPU only 'math' and 'flash' exist; on CUDA 'flash' and 'cudnn' need "
-            "float16/bfloat16 (e.g. trainer.precision=bf16-mixed), and torch's warnings "
+            "float16/bfloat16 (e.g. trainer.precision=bf16-mixed), CUDA's 'flash' takes "
+            "no attention bias, and torch's warnings "
             "above say which other condition failed. 'auto' picks a kernel that can run; "
             "'math' runs everywhere"
         )
@@ -316,14 +338,22 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(
-        self, x: torch.Tensor, rotate: Rotate | None = None, class_token_only: bool = False
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        rotate: Rotate | None = None,
+        class_token_only: bool = False,
+        merging: tome.TokenMerging | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, tome.TokenMerging]:
         """Tokens (b, n, d) -> (b, n, d); `rotate` is passed to the attention (see `Attention`).
 
         `class_token_only`: `forward(x, rotate)[:, :1]`, (b, 1, d), by the speed path
         `fast.class_token_block`, for the last block of a class-token ViT (it is a
         flag here so that activation checkpointing still wraps this block).
+        `merging`: ToMe's block instead (`tome.merging_block`), which returns the
+        fewer tokens and the merging state for the next block (a flag for the same reason).
         """
+        if merging is not None:
+            return tome.merging_block(self, x, rotate, merging, class_token_only)
         if class_token_only:
             return fast.class_token_block(self, x, rotate)
         x = x + self.drop_path(self.drop(self.attn(self.norm1(x), rotate)))

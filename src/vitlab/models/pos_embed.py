@@ -3,7 +3,7 @@
 A position encoding can act at three places in the encoder, and `PositionEncoding`
 has one hook for each, a no-op unless a subclass overrides it:
 
-- `forward(x, grid)`: on the tokens before the first block (the original's
+- `forward(x, grid, flexi=False)`: on the tokens before the first block (the original's
   `AddPositionEmbs`; `learned`, `sincos2d`);
 - `after_block(index, x, grid)`: on the tokens between blocks (`conditional`, CPVT's PEG);
 - `rotation(grid, device)`: a map applied to the queries and keys of every attention
@@ -11,7 +11,10 @@ has one hook for each, a no-op unless a subclass overrides it:
 
 Every hook receives the actual (h, w) patch grid, so each encoding works at any
 input resolution: the learned table is resized bilinearly, the others are
-computed for the grid at hand. Tokens before the patches (the class token) get no
+computed for the grid at hand. A grid that another patch size makes (FlexiViT,
+`flexi=True`) is one more grid for the computed encodings; the learned table is
+then resized as big_vision's flexi model resizes it (`flexi.py`), and for another
+resolution as the original fine-tunes. Tokens before the patches (the class token) get no
 position: zeros added, or an identity rotation. `build_position_encoding` turns the
 `pos_embed` config value into one of these modules.
 """
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from vitlab.models.flexi import resample_flexi_pos_embed
 
 PosEmbed = Literal["learned", "sincos2d", "none", "conditional", "rope2d"]
 SINCOS_TEMPERATURE = 10_000.0
@@ -48,8 +53,12 @@ class PositionEncoding(nn.Module):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Tokens (b, prefix + h*w, d) before the first block -> the same shape."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], flexi: bool = False) -> torch.Tensor:
+        """Tokens (b, prefix + h*w, d) before the first block -> the same shape.
+
+        `flexi`: the grid is that of another patch size than the model's (FlexiViT),
+        which only the learned table resizes differently.
+        """
         return x
 
     def after_block(self, index: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -85,7 +94,8 @@ class LearnedPositionEmbedding(PositionEncoding):
 
     The original's `AddPositionEmbs`: one vector per token, class token included,
     added before the first block. At another grid the patch part is resized
-    bilinearly (`resize_learned_posemb`), as the original does for fine-tuning.
+    bilinearly: as the original does for fine-tuning (`resize_learned_posemb`), or,
+    at another patch size, as FlexiViT does (`flexi.resample_flexi_pos_embed`).
 
     Attributes:
         num_prefix_tokens: tokens before the patches (1 for the class token, else 0).
@@ -103,14 +113,22 @@ class LearnedPositionEmbedding(PositionEncoding):
         )
         nn.init.normal_(self.pos_embedding, std=0.02)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return x + self.table(grid, x.device).to(x.dtype)
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], flexi: bool = False) -> torch.Tensor:
+        return x + self.table(grid, x.device, flexi).to(x.dtype)
 
-    def table(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """The (prefix + h*w, d) learned table, resized when `grid` is not the one it was built for."""
-        posemb = self.pos_embedding
-        if tuple(grid) != self.grid:
-            posemb = resize_learned_posemb(posemb, self.num_prefix_tokens, self.grid, grid)
+    def table(
+        self, grid: tuple[int, int], device: torch.device, flexi: bool = False
+    ) -> torch.Tensor:
+        """The (prefix + h*w, d) learned table, resized when `grid` is not the one it was built
+        for: by FlexiViT's resize when `flexi` (another patch size), else by the original's."""
+        if tuple(grid) == self.grid:
+            return self.pos_embedding[0].to(device)
+        if flexi:
+            table = resample_flexi_pos_embed(
+                self.pos_embedding[0], self.grid, grid, self.num_prefix_tokens
+            )
+            return table.to(device)
+        posemb = resize_learned_posemb(self.pos_embedding, self.num_prefix_tokens, self.grid, grid)
         return posemb[0].to(device)
 
     def no_weight_decay(self) -> set[str]:
@@ -185,7 +203,9 @@ class SinCos2dPositionEmbedding(PositionEncoding):
         table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
         return F.pad(table, (0, 0, self.num_prefix_tokens, 0))
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], flexi: bool = False) -> torch.Tensor:
+        # Computed for the grid at hand at any patch size (big_vision's flexi model resizes
+        # the table of its built grid instead; docs/dynamic_patches.md).
         return x + self.table(grid, x.device).to(x.dtype)
 
 

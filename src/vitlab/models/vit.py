@@ -32,6 +32,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from vitlab.bounds import Count, NonNegativeInt, Positive, Rate, Size
+from vitlab.models import tome
 from vitlab.models.layers import (
     LAYER_NORM_EPS,
     AttentionBackend,
@@ -161,7 +162,6 @@ class VisionTransformer(nn.Module):
                 f"patch_dropout={patch_dropout} drops patch tokens, but pos_embed={pos_embed!r} "
                 f"needs every token of the grid; use it with pos_embed learned, sincos2d or none"
             )
-        self.token_merging = token_merging
 
         self.patch_embed = PatchEmbed(
             cells,
@@ -169,6 +169,13 @@ class VisionTransformer(nn.Module):
             hidden_size,
             norm=patch_norm,
         )
+        for size in self.flexi_patch_sizes or ():  # each must make stem cells and tile the image
+            try:
+                self._embedding_patch_size(size)
+                patch_grid(image_size, size, stride)
+            except ValueError as err:
+                sizes = self.flexi_patch_sizes
+                raise ValueError(f"model.flexi_patch_sizes={sizes}: {err}") from err
         self.cls_token = (
             nn.Parameter(torch.zeros(1, 1, hidden_size)) if classifier == "token" else None
         )
@@ -179,6 +186,7 @@ class VisionTransformer(nn.Module):
             hidden_size=hidden_size,
             num_heads=num_heads,
         )
+        self.token_merging = token_merging  # checked against the position encoding
         self.patch_dropout = PatchDropout(patch_dropout, self.num_prefix_tokens)
         self.pos_drop = nn.Dropout(dropout_rate)
         depth = encoder_depth(stem, num_layers)  # one block fewer with the conv stem
@@ -203,9 +211,14 @@ class VisionTransformer(nn.Module):
             if self.stem is not None:
                 self.stem.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (b, c, H, W) in [-1, 1] -> logits (b, num_classes)."""
-        x, grid = self.embed(x)  # stem, patch embedding, class token, position embedding
+    def forward(self, x: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """Images (b, c, H, W) in [-1, 1] -> logits (b, num_classes).
+
+        `patch_size`: run at another patch size than the model's (FlexiViT): the kernel and
+        the learned position table are resampled to it on the fly (`flexi.py`); None, or
+        the model's own, is the plain model.
+        """
+        x, grid = self.embed(x, patch_size)  # stem, patch embedding, class token, position
         # Speed path: the head reads only the class token, so the last block computes
         # only that (`fast.class_token_block`); `gap` pools every token.
         x = self.encoder(x, grid, class_token_only=self.classifier == "token")
@@ -214,19 +227,44 @@ class VisionTransformer(nn.Module):
         x = self.pre_logits(x)
         return self.head(x)
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images (b, c, H, W) -> (tokens entering block 0 (b, prefix + h*w, d), grid (h, w))."""
+    def embed(
+        self, x: torch.Tensor, patch_size: int | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (b, c, H, W) -> (tokens entering block 0 (b, prefix + h*w, d), grid (h, w)).
+
+        `patch_size`: as `forward`'s.
+        """
+        cells = self._embedding_patch_size(patch_size)  # None: the model's own
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.stem is not None:
             x = self.stem(x)  # the stem's feature map (b, c', H / stride, W / stride)
-        x, grid = self.patch_embed(x)  # (b, h*w, d)
+        x, grid = self.patch_embed(x, cells)  # (b, h*w, d)
         if self.cls_token is not None:
             cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0]).to(x.dtype)
             x = torch.cat([cls, x], dim=1)
-        x = self.pos_embed(x, grid)
+        x = self.pos_embed(x, grid, flexi=cells is not None)
         x = self.patch_dropout(x)  # training only: a random share of the patch tokens
         return self.pos_drop(x), grid
+
+    def _embedding_patch_size(self, patch_size: int | None) -> int | None:
+        """The patch embedding's patch size, in cells of the map it cuts, for `patch_size`
+        patches (FlexiViT); None for the model's own size.
+
+        A stem is kept at every patch size. The hybrids' `patch_size` counts cells of the
+        ResNet's map already; a pixel stem (conv, patchify_ln) makes cells of its stride in
+        pixels, which must divide `patch_size`.
+        """
+        if patch_size is None or patch_size == self.patch_size:
+            return None
+        pixels = self.patch_size // self.patch_embed.patch_size  # per cell: 1 but for pixel stems
+        if patch_size % pixels:
+            raise ValueError(
+                f"patch_size={patch_size} is not a multiple of {pixels}, the stride of this "
+                f"model's {type(self.stem).__name__} stem, which stays as it is at every patch "
+                f"size; valid patch sizes are multiples of {pixels}"
+            )
+        return patch_size // pixels
 
     def encoder(
         self,
@@ -240,28 +278,62 @@ class VisionTransformer(nn.Module):
 
         The one encoder loop: `forward`, `forward_features` and `attention_maps` all run
         it. `class_token_only`: the last block returns the class token alone, (b, 1, d).
-        `on_block_input(block, x, rotate)` sees what enters each block.
+        `on_block_input(block, x, rotate)` sees what enters each block. With
+        `token_merging` (ToMe, `tome.py`) every block merges tokens and hands their
+        sizes on; the output has each token repeated by its size, so it has the plain
+        shape and its mean is ToMe's size-weighted pooling (`tome.expand_by_size`).
         """
         rotate = self.pos_embed.rotation(grid, x.device)
+        merging = (
+            tome.TokenMerging(self.token_merging, self.cls_token is not None)
+            if self.token_merging
+            else None
+        )
+        tokens = x.shape[1]
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             if on_block_input is not None:
                 on_block_input(block, x, rotate)
-            if class_token_only and index == last:
-                # No after_block: the encodings leave the class token alone there.
-                return checkpointed(
-                    block, x, rotate, class_token_only=True, enabled=self.grad_checkpointing
+            only = class_token_only and index == last
+            if merging is None:
+                x = checkpointed(
+                    block, x, rotate, class_token_only=only, enabled=self.grad_checkpointing
                 )
-            x = checkpointed(block, x, rotate, enabled=self.grad_checkpointing)
+            else:  # ToMe: the block merges tokens and hands their sizes on
+                x, merging = checkpointed(
+                    block,
+                    x,
+                    rotate,
+                    class_token_only=only,
+                    merging=merging,
+                    enabled=self.grad_checkpointing,
+                )
+            if only:
+                return x  # no after_block: the encodings leave the class token alone there
             x = self.pos_embed.after_block(index, x, grid)
-        return x
+        return x if merging is None else tome.expand_by_size(x, merging.size, tokens)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def token_merging(self) -> int:
+        """ToMe's r, as its `model.r`: tokens merged in every block (`tome.py`); 0 is off.
+
+        May be set between calls (`model.token_merging = 8`); a negative value, or a
+        position encoding that cannot merge (`tome.check_token_merging`), is refused.
+        """
+        return self._token_merging
+
+    @token_merging.setter
+    def token_merging(self, r: int) -> None:
+        tome.check_token_merging(r, self.pos_embed.kind)
+        self._token_merging = r
+
+    def forward_features(self, x: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
         """Images (b, c, H, W) -> every token after `norm`, (b, prefix + h*w, hidden_size).
 
         The original's encoder output (`Transformer`): the last block runs over every token.
+        `patch_size`: as `forward`'s.
         """
-        x, grid = self.embed(x)
+        x, grid = self.embed(x, patch_size)
         return self.norm(self.encoder(x, grid))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,10 @@ RUN_KNOBS = frozenset(
         "dropout_rate",
         "attention_dropout_rate",
         "drop_path_rate",
+        # Dynamic patches: how a ViT trains or runs, on the same parameters.
+        "flexi_patch_sizes",
+        "token_merging",
+        "patch_dropout",
     }
 )
 

@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vitlab.errors import Interrupted, VitlabError, exit_with
+from vitlab.errors import ConfigError, Interrupted, VitlabError, exit_with
 from vitlab.runs.build import build_classifier, build_trainer, instantiate
 from vitlab.runs.checkpoint_files import (
     check_model_matches,
@@ -35,7 +35,7 @@ from vitlab.runs.failures import log_traceback, one_line
 from vitlab.runs.multirun import is_multirun, record_status
 from vitlab.runs.provenance import record_provenance
 from vitlab.runs.resume import resolve_ckpt_path
-from vitlab.runs.validate import check_run
+from vitlab.runs.validate import check_run, patch_size_change_problem
 from vitlab.training.allocator import retain_freed_memory
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             chosen = cfg.get(key)
             if chosen is None or "_target_" not in chosen:  # not picked, or only `+key.field=...`
                 cfg[key] = OmegaConf.merge(run_cfg[key], chosen or {})
+                if key == "model" and (
+                    problem := patch_size_change_problem(run_cfg[key], cfg[key])
+                ):
+                    raise ConfigError(problem)
             elif key == "model":
                 check_model_matches(cfg.ckpt_path, OmegaConf.to_container(chosen, resolve=True))
         # Runs saved before `loss` was named so kept their label smoothing under `classifier`.

@@ -349,6 +349,13 @@ def _dynamic_patch_problems(model: Mapping[str, Any]) -> list[str]:
             )
         for size in sizes:
             found += _patch_problems(model, size, f"model.flexi_patch_sizes={sizes}")
+            patch_size = model.get("patch_size")
+            if model.get("stem") == "conv" and _ints(size, patch_size) and size % patch_size:
+                found.append(
+                    f"model.flexi_patch_sizes={sizes} is not valid: the conv stem is built for "
+                    f"patch_size={patch_size} and stays as it is at every patch size, so each "
+                    f"size must be a multiple of {patch_size}"
+                )
     pos_embed = model.get("pos_embed")
     if pos_embed in NEEDS_EVERY_TOKEN:
         for key in ("token_merging", "patch_dropout"):
@@ -382,6 +389,28 @@ def _stem_stride(model: Mapping[str, Any]) -> int | None:
     except Exception:  # no such class (refused by the schema), or a stem without `stride_of`
         return 0
     return None
+
+
+def patch_size_change_problem(saved: Mapping[str, Any], model: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint's model (`saved`) cannot be evaluated at `model`'s other patch size, or None.
+
+    FlexiViT's resampling (`vitlab.models.flexi`) resizes a ViT's patch kernel and
+    position table; a Mixer's or gMLP's token-mixing weights are sized by the token
+    count, and a pixel stem (conv, patchify_ln) is built for its patch size.
+    """
+    old, new = saved.get("patch_size"), model.get("patch_size")
+    if old == new or new is None:
+        return None
+    target = str(saved.get("_target_", ""))
+    stem = saved.get("stem", "patch")
+    if target.endswith("VisionTransformer") and stem not in ("conv", "patchify_ln"):
+        return None
+    what = f"stem={stem}" if target.endswith("VisionTransformer") else target.rsplit(".", 1)[-1]
+    return (
+        f"model.patch_size={new} is not valid: the checkpoint's model ({what}) was trained at "
+        f"patch_size={old} and cannot run at another; FlexiViT's resampling works for ViTs "
+        "and hybrids (stem patch or resnet)"
+    )
 
 
 def _head_problems(model: Mapping[str, Any]) -> list[str]:

@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.errors import NonFiniteLossError
+from vitlab.models.flexi import draw_patch_size, state_dict_at_patch_size
 from vitlab.training.optim import build_optimizer
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -94,15 +95,18 @@ class ImageClassifier(L.LightningModule):
         self.val_loss = MeanMetric(nan_strategy="disable")
         self.test_loss = MeanMetric(nan_strategy="disable")
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+    def forward(self, images: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """Logits of the backbone; `patch_size` (FlexiViT backbones only) runs it at that size."""
+        if patch_size is None:
+            return self.backbone(images)
+        return self.backbone(images, patch_size=patch_size)
 
     def _loss_and_log_metrics(
-        self, batch: tuple[torch.Tensor, torch.Tensor], split: str
+        self, batch: tuple[torch.Tensor, torch.Tensor], split: str, patch_size: int | None = None
     ) -> torch.Tensor:
         """The batch's mean loss; updates and logs the split's loss and accuracy."""
         images, labels = batch
-        logits = self(images)
+        logits = self(images, patch_size)
         losses = F.cross_entropy(
             logits.float(), labels, label_smoothing=self.label_smoothing, reduction="none"
         )
@@ -119,7 +123,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        loss = self._loss_and_log_metrics(batch, "train")
+        loss = self._loss_and_log_metrics(batch, "train", self._training_patch_size())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at step {self.global_step} "
@@ -129,6 +133,33 @@ class ImageClassifier(L.LightningModule):
                 "The checkpoints written before this step are kept."
             )
         return loss
+
+    def _training_patch_size(self) -> int | None:
+        """FlexiViT: this step's patch size, drawn from the backbone's `flexi_patch_sizes`
+        (`flexi.draw_patch_size`) by the run's seed and the step, and logged; None when off.
+
+        The optimizer step, not the batch, is counted: gradient accumulation keeps one
+        size per update, and every rank and a resumed run draw the same sizes. Validation
+        and test run at the stored patch size.
+        """
+        sizes = getattr(self.backbone, "flexi_patch_sizes", None)
+        if not sizes:
+            return None
+        seed = (self.hparams.get("config") or {}).get("seed") or 0
+        size = draw_patch_size(sizes, seed, self.global_step)
+        self.log("train/patch_size", float(size), on_step=True, on_epoch=False)
+        return size
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A ViT checkpoint of another patch size than the built backbone's loads into it:
+        the kernel PI-resized and the learned table resized as FlexiViT does
+        (`flexi.state_dict_at_patch_size`), so `src/eval.py ckpt_path=... +model.patch_size=8`
+        evaluates any ViT checkpoint at patch 8. Lightning calls this before it loads the
+        state dict; a checkpoint at the backbone's own patch size is left alone.
+        """
+        checkpoint["state_dict"] = state_dict_at_patch_size(
+            checkpoint["state_dict"], self.backbone, prefix="backbone."
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._loss_and_log_metrics(batch, "val")

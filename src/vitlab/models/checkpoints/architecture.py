@@ -26,25 +26,42 @@ Arrays = dict[str, torch.Tensor]
 
 
 def from_official_npz(
-    source: Source, *, num_classes: int | None = None, image_size: int | None = None
+    source: Source,
+    *,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    patch_size: int | None = None,
 ) -> nn.Module:
     """Build the ViT, hybrid or Mixer an official checkpoint holds and load it.
 
     The architecture comes from the file alone (always the learned position
     embedding). `num_classes=None` keeps the file's head; another count gets a fresh
     zero head. `image_size` other than the file's resizes the position table (ViT
-    and hybrids only). The model takes NCHW float in [-1, 1] and is returned in
-    eval mode.
+    and hybrids only). `patch_size` other than the file's builds the model at that
+    patch size, as FlexiViT converts one (ViT and hybrids only; for a hybrid, in
+    cells of its ResNet's map): the kernel PI-resized, the table resized by the flexi
+    model's resize. The model takes NCHW float in [-1, 1] and is returned in eval mode.
     """
     label, arrays = read_official(source)
-    build = _build_mixer if "stem/kernel" in arrays else _build_vit
-    model = build(label, arrays, num_classes, image_size)
+    if "stem/kernel" in arrays:
+        if patch_size is not None:
+            raise CheckpointError(
+                f"{label} is a Mixer, whose token-mixing MLPs are as wide as its patch grid; "
+                f"it cannot take patch_size={patch_size}"
+            )
+        model = _build_mixer(label, arrays, num_classes, image_size)
+    else:
+        model = _build_vit(label, arrays, num_classes, image_size, patch_size)
     copy_into(model, label, arrays)
     return model.eval()
 
 
 def _build_vit(
-    label: str, arrays: Arrays, num_classes: int | None, image_size: int | None
+    label: str,
+    arrays: Arrays,
+    num_classes: int | None,
+    image_size: int | None,
+    patch_size: int | None = None,
 ) -> VisionTransformer:
     patch_h, patch_w, in_channels, hidden_size = _array_shape(label, arrays, "embedding/kernel")
     if patch_h != patch_w:
@@ -58,7 +75,7 @@ def _build_vit(
     block = "Transformer/encoderblock_0/"
     return VisionTransformer(
         image_size=image_size or grid * patch_h * (stem.stride if stem else 1),
-        patch_size=patch_h,
+        patch_size=patch_size or patch_h,
         num_classes=_file_num_classes(arrays) if num_classes is None else num_classes,
         hidden_size=hidden_size,
         num_layers=_count_indexed(arrays, r"Transformer/encoderblock_(\d+)/"),

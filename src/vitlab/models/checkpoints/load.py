@@ -3,8 +3,10 @@
 Follows `vit_jax/checkpoint.py:load_pretrained`: a head of another size stays
 freshly zero-initialised, a file's pre-logits are dropped (with its head) when the
 model has none, and the learned position table is resized to the model's patch
-grid. The file is then compared with the model key by key and shape by shape,
-and only when everything fits is anything copied.
+grid. A file of another patch size than the model's is fitted as FlexiViT does: the
+kernel PI-resized, the table resized by the flexi model's resize (`resample.py`).
+The file is then compared with the model key by key and shape by shape, and only
+when everything fits is anything copied.
 
 Two layouts go through these same steps (`Layout`): the official `.npz` files
 (`layout.py`) and timm's `.pth` / `.safetensors` state dicts (`timm.py`); the file's
@@ -29,7 +31,7 @@ from vitlab.models.checkpoints.layout import (
     official_tensors,
 )
 from vitlab.models.checkpoints.npz import Source, read_official
-from vitlab.models.checkpoints.resample import resample_posemb
+from vitlab.models.checkpoints.resample import resample_kernel, resample_posemb
 from vitlab.models.checkpoints.timm import (
     TIMM_HEAD,
     TIMM_POS_EMBED,
@@ -40,6 +42,7 @@ from vitlab.models.checkpoints.timm import (
 )
 
 MAX_LISTED = 12
+PATCH_KERNEL = "patch_embed.proj.weight"
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def load_pretrained(model: nn.Module, source: Source) -> None:
     `.safetensors` file (the suffix decides), or a mapping name -> array in the
     official layout. The model's architecture must match the file's; a head of
     another size (fine-tuning on a new dataset) stays the model's fresh zero head,
-    and a different patch grid gets the file's position table resized. Anything
+    a different patch grid gets the file's position table resized, and a different
+    patch size the file's kernel PI-resized (FlexiViT, `resample.py`). Anything
     else that differs raises `CheckpointError` listing the keys and shapes, before
     the model is touched. The weights only: the model computes as its own
     configuration says (a timm file into a `gelu_approximate=tanh` model keeps tanh).
@@ -126,10 +130,17 @@ def fit_for_fine_tuning(
     """The file's arrays made to fit a fine-tuning model, as the original's `load_pretrained` does.
 
     `own` is the model's own tensors in the file's layout: its zero head replaces
-    the file's when the sizes differ, and its grid decides the position table's.
+    the file's when the sizes differ, its grid decides the position table's, and its
+    patch size the kernel's (then the table follows FlexiViT's resize).
     """
     arrays = dict(arrays)
     head, pre_logits, posemb = layout.head, layout.pre_logits, layout.posemb
+    other_patch_size = False
+    for link in layout.links(model):
+        name = link.official[0]
+        if link.ours == PATCH_KERNEL and _differs(name, arrays, own):
+            arrays[name] = resample_kernel(link, arrays[name], own[name])
+            other_patch_size = arrays[name].shape == own[name].shape
     drop_head = False
     if pre_logits and pre_logits[0] in arrays and pre_logits[0] not in own:
         for name in pre_logits:  # the original's "drop-head variant"
@@ -143,9 +154,14 @@ def fit_for_fine_tuning(
             arrays.pop(name, None)
             if name in own:
                 arrays[name] = own[name]
-    if posemb in arrays and posemb in own and arrays[posemb].shape != own[posemb].shape:
-        arrays[posemb] = resample_posemb(model, arrays[posemb], own[posemb])
+    if _differs(posemb, arrays, own):
+        arrays[posemb] = resample_posemb(model, arrays[posemb], own[posemb], other_patch_size)
     return arrays
+
+
+def _differs(name: str, arrays: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> bool:
+    """The file and the model both have `name`, in different shapes."""
+    return name in arrays and name in own and arrays[name].shape != own[name].shape
 
 
 def raise_unless_fits(

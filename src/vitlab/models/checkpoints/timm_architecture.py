@@ -45,7 +45,9 @@ UNSUPPORTED = (
 )
 
 
-def from_timm(source: TimmSource, name: str | None = None) -> nn.Module:
+def from_timm(
+    source: TimmSource, name: str | None = None, patch_size: int | None = None
+) -> nn.Module:
     """Our ViT, hybrid, Mixer or gMLP with the weights of a timm model, computing as it does.
 
     `source` is a timm model, its state dict, or a `.pth` / `.pt` / `.safetensors`
@@ -55,16 +57,22 @@ def from_timm(source: TimmSource, name: str | None = None) -> nn.Module:
     registry is asked, so timm must be installed). Covers timm's `vit_*` (class
     token, or `global_pool='avg'` without one and with `fc_norm=False`), the R26/R50
     and R+ViT-Ti hybrids, `mixer_*` and `gmlp_*`; other timm options are refused
-    naming them. The model takes NCHW float as the timm model does and is returned
-    in eval mode.
+    naming them. `patch_size` other than the weights' builds a ViT or hybrid at that
+    patch size, as FlexiViT converts one (kernel PI-resized, table resized by the flexi
+    model's resize; see `from_official_npz`). The model takes NCHW float as the timm
+    model does and is returned in eval mode.
     """
     label, arrays = read_timm(source)
+    if patch_size is not None and "blocks.0.attn.qkv.weight" not in arrays:
+        raise CheckpointError(
+            f"{label} is not a timm ViT or hybrid; only those can take patch_size={patch_size}"
+        )
     if "blocks.0.mlp_tokens.fc1.weight" in arrays:
         model = _build_mixer(label, arrays)
     elif "blocks.0.mlp_channels.gate.proj.weight" in arrays:
         model = _build_gmlp(label, arrays)
     elif "blocks.0.attn.qkv.weight" in arrays:
-        model = _build_vit(label, arrays, _timm_vit(source, name))
+        model = _build_vit(label, arrays, _timm_vit(source, name), patch_size)
     else:
         raise CheckpointError(
             f"{label} is not a timm ViT, hybrid, Mixer or gMLP state dict "
@@ -96,7 +104,9 @@ def _timm_vit(source: TimmSource, name: str | None) -> nn.Module | None:
         ) from error
 
 
-def _build_vit(label: str, arrays: Arrays, reference: nn.Module | None) -> VisionTransformer:
+def _build_vit(
+    label: str, arrays: Arrays, reference: nn.Module | None, patch_size: int | None = None
+) -> VisionTransformer:
     for key_part, option in UNSUPPORTED:
         found = [key for key in arrays if key_part in key]
         if found:
@@ -104,7 +114,7 @@ def _build_vit(label: str, arrays: Arrays, reference: nn.Module | None) -> Visio
                 f"{label} is a timm ViT with {option} ({found[0]}), which VisionTransformer "
                 "does not have"
             )
-    hidden_size, in_channels, patch_size, _ = _shape(label, arrays, "patch_embed.proj.weight")
+    hidden_size, in_channels, file_patch_size, _ = _shape(label, arrays, "patch_embed.proj.weight")
     classifier = "token" if "cls_token" in arrays else "gap"
     num_heads = _num_heads(label, hidden_size, classifier, reference)
     stem = _build_resnet(label, arrays)
@@ -117,8 +127,8 @@ def _build_vit(label: str, arrays: Arrays, reference: nn.Module | None) -> Visio
         )
     grid = _grid_side(label, num_tokens - (classifier == "token"), TIMM_POS_EMBED)
     return VisionTransformer(
-        image_size=grid * patch_size * (stem.stride if stem else 1),
-        patch_size=patch_size,
+        image_size=grid * file_patch_size * (stem.stride if stem else 1),
+        patch_size=patch_size or file_patch_size,
         num_classes=_num_classes(arrays),
         hidden_size=hidden_size,
         num_layers=_count_indexed(arrays, r"blocks\.(\d+)\."),
