@@ -66,10 +66,16 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+# Each model draws random numbers in every step: dropout, stochastic depth, and for the ViT
+# also FlexiViT's patch size (from seed and step) and PatchDropout's tokens (global RNG).
 RANDOM_MODELS = {
-    "vit": ("model=vit_tiny", "model.dropout_rate=0.1"),
+    "vit": (
+        "model=vit_tiny",
+        "model.dropout_rate=0.1",
+        "model.flexi_patch_sizes=[4,8]",
+        "model.patch_dropout=0.25",
+    ),
     "gmlp": ("model=gmlp_tiny", "model.drop_path_rate=0.1"),
-    "vit_dynamic": ("model=vit_tiny", "model.flexi_patch_sizes=[4,8]", "model.patch_dropout=0.25"),
 }
 
 

@@ -31,6 +31,11 @@ class NonFiniteLossError(VitlabError, FloatingPointError):
     """The training loss became NaN or Inf: the run stops rather than train on garbage."""
 
 
+class ExportCheckError(VitlabError):
+    """An exported model does not compute what the PyTorch model does (`vitlab.deploy.export`):
+    nothing usable is kept, and the message gives the numbers."""
+
+
 class Interrupted(VitlabError):
     """Training was stopped by a signal after saving a checkpoint; the message says how to resume.
 

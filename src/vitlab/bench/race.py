@@ -75,8 +75,9 @@ from vitlab.training.optim import build_optimizer
 log = logging.getLogger(__name__)
 
 
-# What `src/bench.py` measures: this race, or inference at several ToMe r (`token_merging.py`).
-BenchTask = Literal["race", "token_merging"]
+# What `src/bench.py` measures: this race, inference at several ToMe r (`token_merging.py`),
+# or deployment latency in every runtime against timm's twin (`deploy.py`).
+BenchTask = Literal["race", "token_merging", "deploy"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class BenchSettings:
     """How long to measure: the `bench` node of `conf/bench.yaml`.
 
     Attributes:
-        task: "race" (this module) or "token_merging" (`vitlab.bench.token_merging`).
+        task: "race" (this module), "token_merging" (`vitlab.bench.token_merging`) or
+            "deploy" (`vitlab.bench.deploy`).
         warmup_rounds: rounds run first and discarded.
         rounds: measured rounds; every contender runs once per round, in turn.
         steps: timed steps per contender and round (a fit runs one more, untimed).

@@ -105,7 +105,8 @@ def _from_run_checkpoint(path: Path, key: str) -> ModelSource:
         )
     model_cfg = dict(config["model"])
     model_cfg.pop("pretrained", None)  # the checkpoint's own weights replace them
-    if "attention_backend" in model_cfg:  # a GPU kernel the run chose; deployment runs anywhere
+    # A GPU kernel the run chose (a Mixer's or gMLP's is null); deployment runs anywhere.
+    if model_cfg.get("attention_backend") is not None:
         model_cfg["attention_backend"] = "auto"
     try:
         model = build_backbone(OmegaConf.create(model_cfg))

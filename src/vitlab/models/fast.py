@@ -49,8 +49,12 @@ def class_token_attention(
     (`pos_embed.py`), so only the keys are rotated. `bias` as in `Attention.attend`.
     """
     width = x.shape[-1]
-    q = F.linear(x[:, :1], attn.qkv.weight[:width], attn.qkv.bias[:width])
-    kv = F.linear(x, attn.qkv.weight[width:], attn.qkv.bias[width:])
+    if is_int8(attn.qkv):  # its weight is packed: every query is projected, token 0's kept
+        q, kv = attn.qkv(x).tensor_split([width], dim=-1)
+        q = q[:, :1]
+    else:
+        q = F.linear(x[:, :1], attn.qkv.weight[:width], attn.qkv.bias[:width])
+        kv = F.linear(x, attn.qkv.weight[width:], attn.qkv.bias[width:])
     q = rearrange(q, "b one (h d) -> b h one d", h=attn.num_heads)
     k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=attn.num_heads)
     x = attn.attend(q, k if rotate is None else rotate(k), v, bias)
@@ -105,12 +109,15 @@ def fused_linear_gelu(
     None where it does not apply, and the caller takes the plain path: when
     autograd would record the matmul (the op has no backward), off the CPU, for
     other dtypes than float32, under autocast (it is not autocast-aware), while
-    `torch.compile` traces (Inductor fuses by itself), or in a PyTorch built
+    `torch.compile` traces (Inductor fuses by itself) or `torch.export` does (the
+    ONNX exporter traces with it, and ONNX has no such op: `is_compiling` is true
+    for both), for an int8 Linear (`is_int8`), or in a PyTorch built
     without oneDNN or without the op. `x` may be a strided view: (..., in) ->
     (..., out), contiguous.
     """
     if (
-        x.device.type != "cpu"
+        is_int8(linear)
+        or x.device.type != "cpu"
         or x.dtype != torch.float32
         or records_graph(x, linear.weight, linear.bias)
         or torch.is_autocast_enabled("cpu")
@@ -121,6 +128,13 @@ def fused_linear_gelu(
     return torch.ops.mkldnn._linear_pointwise(
         x, linear.weight, linear.bias, "gelu", [], approximate
     )
+
+
+def is_int8(linear: nn.Module) -> bool:
+    """Whether `linear` is a dynamically quantized int8 Linear (`vitlab.deploy.quantize`),
+    not an `nn.Linear`: its weight is packed, so the paths above that read a Linear's
+    weight call the layer instead."""
+    return not isinstance(linear, nn.Linear)
 
 
 def token_mixing(mlp: Mlp, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +148,8 @@ def token_mixing(mlp: Mlp, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     output enters the second matmul transposed, again as a view. `mlp`'s dropout
     is not applied: Mixer's MLPs have none.
     """
+    if is_int8(mlp.fc1) or is_int8(mlp.fc2):  # packed weights: the paper's formulation
+        return x + rearrange(mlp(rearrange(y, "b n c -> b c n")), "b c n -> b n c")
     b, _, c = y.shape
     hidden = fused_linear_gelu(rearrange(y, "b n c -> b c n"), mlp.fc1, mlp.act.approximate)
     if hidden is None:

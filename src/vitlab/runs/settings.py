@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from annotated_types import Interval
+from annotated_types import Ge, Interval
 
 from vitlab.bounds import Count, Rate
 
@@ -70,7 +70,7 @@ class ExportSettings(RunSettings):
     timm_name: str | None = None
     format: Literal["onnx", "pt2"] = "onnx"
     quantize: Literal["int8"] | None = None
-    opset: Annotated[int, Interval(ge=18)] = 20
+    opset: Annotated[int, Ge(18)] = 20
     check_images: Count | None = 512
     batch_size: Count = 32
     latency_batches: Count = 5
