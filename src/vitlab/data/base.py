@@ -25,6 +25,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vitlab.bounds import Count, NonNegative, NonNegativeInt, Size
+from vitlab.data.folds import NumFolds, fold_problem
 from vitlab.data.samplers import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -85,6 +86,12 @@ class ImageDataModule(LightningDataModule):
         pin_memory: page-lock batches for faster host-to-GPU copies (GPU runs only).
         mixup_alpha, cutmix_alpha: Mixup / CutMix of training batches (`MixupCutmix`),
             which then carry (b, num_classes) soft labels; 0.0 (off) by default.
+        num_folds, fold: stratified k-fold cross-validation (`vitlab.data.folds`): the
+            training pool (every image outside the test set) is cut into `num_folds`
+            folds, fold `fold` validates and the others train; the test set does not
+            change. None (the default) keeps the dataset's usual validation split.
+        split_seed: seed of every split the datamodule draws (the folds; digits' val and
+            test), independent of the run's seed, so every run sees the same split.
     """
 
     data_dir: str = "data/"
@@ -96,6 +103,9 @@ class ImageDataModule(LightningDataModule):
     pin_memory: bool = False
     mixup_alpha: NonNegative = 0.0
     cutmix_alpha: NonNegative = 0.0
+    num_folds: NumFolds | None = None
+    fold: NonNegativeInt = 0
+    split_seed: NonNegativeInt = 0
 
     # Built by the subclass's `setup()`.
     train_set: Dataset = field(init=False)
@@ -117,6 +127,8 @@ class ImageDataModule(LightningDataModule):
             alpha = getattr(self, key)
             if not (isinstance(alpha, (int, float)) and alpha >= 0):
                 raise ConfigError(f"data.{key}={alpha!r} must be a number >= 0 (0 turns it off)")
+        if problem := fold_problem(self.num_folds, self.fold):
+            raise ConfigError(problem)
         self._resume_state: dict[str, int] | None = None
 
     @property

@@ -1,7 +1,9 @@
 """CIFAR-10 and CIFAR-100 through torchvision, split as in the paper's fine-tuning runs.
 
 The original trains on `train[:98%]`, validates on `train[98%:]` (the last 1000
-images, in file order) and tests on the official test set; so do these. Images
+images, in file order) and tests on the official test set; so do these. With
+`num_folds`, the 50 000 train images are cut into stratified folds instead and
+fold `fold` validates; the test set stays the official one. Images
 are 32x32 and are upsampled by the crop/resize to `image_size` (224 or 384 for the
 paper's recipes). The data is looked for in `<data_dir>/cifar-10-batches-py/`
 (`cifar-100-python/`) and downloaded there in `prepare_data()` when `download` is on.
@@ -11,7 +13,7 @@ CIFAR-10's class names are fixed here; CIFAR-100's are read from the downloaded 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +23,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from vitlab.bounds import Count
 from vitlab.data.base import InceptionCropDataModule
+from vitlab.data.folds import fold_indices
 from vitlab.errors import ConfigError, DataError
 
 # torchvision's order (`CIFAR10.classes`, from batches.meta): label i is the i-th name.
@@ -61,7 +64,8 @@ class CIFAR10DataModule(InceptionCropDataModule):
     Attributes (beyond `InceptionCropDataModule`'s):
         num_classes: defaults to the dataset's; any other value is an error.
         download: fetch the archive into `data_dir` if it is not there (needs internet).
-        val_size: images at the end of the train set held out for validation.
+        val_size: images at the end of the train set held out for validation; unused
+            with `num_folds` (a fold of the train set validates instead).
     """
 
     dataset_class: ClassVar[type[CIFAR10]] = CIFAR10
@@ -113,16 +117,24 @@ class CIFAR10DataModule(InceptionCropDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate"):
             full = self._torchvision_split(train=True)
-            if not 0 < self.val_size < len(full):
-                raise ConfigError(
-                    f"data.val_size={self.val_size} must be between 1 and {len(full) - 1} "
-                    f"(the {len(full)} training images of {self.name})"
-                )
-            split = len(full) - self.val_size
-            self.train_set = _Transformed(Subset(full, range(split)), self.train_transform)
-            self.val_set = _Transformed(Subset(full, range(split, len(full))), self.eval_transform)
+            train, val = self._train_val_indices(full)
+            self.train_set = _Transformed(Subset(full, train), self.train_transform)
+            self.val_set = _Transformed(Subset(full, val), self.eval_transform)
         if stage in (None, "test"):
             self.test_set = _Transformed(self._torchvision_split(train=False), self.eval_transform)
+
+    def _train_val_indices(self, full: CIFAR10) -> tuple[Sequence[int], Sequence[int]]:
+        """Where train and val lie in the official train set: the held-out fold with
+        `num_folds`, else the last `val_size` images (the original's train[98%:])."""
+        if self.num_folds is not None:
+            return fold_indices(full.targets, self.num_folds, self.fold, self.split_seed)
+        if not 0 < self.val_size < len(full):
+            raise ConfigError(
+                f"data.val_size={self.val_size} must be between 1 and {len(full) - 1} "
+                f"(the {len(full)} training images of {self.name})"
+            )
+        split = len(full) - self.val_size
+        return range(split), range(split, len(full))
 
     def _torchvision_split(self, train: bool) -> CIFAR10:
         """The official train or test set as torchvision reads it, untransformed."""

@@ -3,9 +3,10 @@
 1797 grey images with values 0..16 in 10 classes, upsampled once to `image_size`
 and kept as one tensor in memory, so an epoch costs almost nothing but the model.
 The train/val/test split is stratified and drawn from its own fixed seed, so every
-run, whatever its global seed, sees the same test set. Training augmentation is a
-mild per-image random-resized crop done on whole batches; there is no horizontal
-flip, since digits are not mirror-symmetric.
+run, whatever its global seed, sees the same test set; with `num_folds`, the images
+outside the test set are cut into stratified folds instead of a val split. Training
+augmentation is a mild per-image random-resized crop done on whole batches; there is
+no horizontal flip, since digits are not mirror-symmetric.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 
-from vitlab.bounds import Count, NonNegativeInt, Size
+from vitlab.bounds import Count, Size
 from vitlab.data.base import ImageDataModule
+from vitlab.data.folds import fold_indices
 from vitlab.data.transforms import BatchRandomResizedCrop
 from vitlab.errors import ConfigError
 
@@ -45,8 +47,8 @@ class DigitsDataModule(ImageDataModule):
         train_crop_scale: (min, max) fraction of the image area a training crop covers.
         train_crop_ratio: (min, max) aspect ratio of a training crop.
         val_size, test_size: images held out for validation and test; the remaining
-            1797 - val_size - test_size train.
-        split_seed: seed of the split, independent of the run's seed.
+            1797 - val_size - test_size train. With `num_folds`, `val_size` is unused:
+            fold `fold` of the 1797 - test_size others validates.
     """
 
     batch_size: Count = 64
@@ -57,7 +59,6 @@ class DigitsDataModule(ImageDataModule):
     train_crop_ratio: Sequence[float] = (0.9, 1.1)
     val_size: Count = 200
     test_size: Count = 300
-    split_seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,12 +91,18 @@ class DigitsDataModule(ImageDataModule):
             stratify=digits.target,
             random_state=self.split_seed,
         )
-        train, val = train_test_split(
-            rest,
-            test_size=self.val_size,
-            stratify=digits.target[rest],
-            random_state=self.split_seed,
-        )
+        if self.num_folds is None:
+            train, val = train_test_split(
+                rest,
+                test_size=self.val_size,
+                stratify=digits.target[rest],
+                random_state=self.split_seed,
+            )
+        else:
+            in_train, in_val = fold_indices(
+                digits.target[rest], self.num_folds, self.fold, self.split_seed
+            )
+            train, val = rest[in_train], rest[in_val]
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
         self.test_set = TensorDataset(images[test], labels[test])

@@ -7,7 +7,9 @@
 Class folders are sorted by name into label indices and must be the same in every
 split; their names are the class names and their count is `num_classes` unless the
 config gives one. The folders are checked when the datamodule is set up; images are
-decoded lazily, and one that cannot be read stops the run with its path.
+decoded lazily, and one that cannot be read stops the run with its path. With
+`num_folds`, train/ is cut into stratified folds: fold `fold` validates (with the
+evaluation transform) and val/ is left out, unless it is the test set.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from functools import partial
 from pathlib import Path
 
 from PIL import Image
+from torch.utils.data import Subset
 from torchvision.datasets import ImageFolder
 
 from vitlab.bounds import Count
 from vitlab.data.base import InceptionCropDataModule
+from vitlab.data.folds import fold_indices
 from vitlab.errors import ConfigError, DataError
 
 PIL_MODES = {1: "L", 3: "RGB"}
@@ -105,16 +109,30 @@ class ImageFolderDataModule(InceptionCropDataModule):
                 f"{len(classes)} class folders; set data.num_classes={len(classes)} "
                 "(or leave it null to take the folders' count)"
             )
-        if stage in (None, "fit"):
-            self.train_set = self._image_folder(self.data_dir / "train", classes, train=True)
-        if stage in (None, "fit", "validate"):
-            self.val_set = self._image_folder(
-                _split_dir(self.data_dir, "val"), classes, train=False
-            )
+        if self.num_folds is not None:
+            if stage in (None, "fit", "validate"):
+                self.train_set, self.val_set = self._folds(classes)
+        else:
+            if stage in (None, "fit"):
+                self.train_set = self._image_folder(self.data_dir / "train", classes, train=True)
+            if stage in (None, "fit", "validate"):
+                self.val_set = self._image_folder(
+                    _split_dir(self.data_dir, "val"), classes, train=False
+                )
         if stage in (None, "test"):
             test_dir = self.data_dir / "test"
             split_dir = test_dir if test_dir.is_dir() else _split_dir(self.data_dir, "val")
             self.test_set = self._image_folder(split_dir, classes, train=False)
+
+    def _folds(self, classes: list[str]) -> tuple[Subset, Subset]:
+        """(train, val): the training folds of train/ with the training transform, and
+        the held-out fold with the evaluation one: two `ImageFolder`s of train/, whose
+        sorted listings agree, so that each image has one transform."""
+        train_dir = self.data_dir / "train"
+        augmented = self._image_folder(train_dir, classes, train=True)
+        plain = self._image_folder(train_dir, classes, train=False)
+        train, val = fold_indices(augmented.targets, self.num_folds, self.fold, self.split_seed)
+        return Subset(augmented, train), Subset(plain, val)
 
     def _image_folder(self, folder: Path, train_classes: list[str], train: bool) -> ImageFolder:
         """One split's `ImageFolder`, once its class folders are checked against train's."""

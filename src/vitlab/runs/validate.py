@@ -277,6 +277,7 @@ def _cross_key_problems(values: Mapping[str, Any], gpu_available: bool | None) -
         *_dynamic_patch_problems(model),
         *_head_problems(model),
         *_batch_problems(data, trainer),
+        *_fold_problems(data),
     ]
     try:
         check_trainer(trainer, gpu_available)
@@ -422,6 +423,20 @@ def _head_problems(model: Mapping[str, Any]) -> list[str]:
             f"num_heads={heads}; head counts that divide it: {valid}"
         ]
     return []
+
+
+def _fold_problems(data: Mapping[str, Any]) -> list[str]:
+    """`data.fold` names a fold of `data.num_folds` (`vitlab.data.folds.fold_problem`); a bad
+    type or bound alone is the schema's to report."""
+    from vitlab.data.folds import fold_problem
+
+    num_folds, fold = data.get("num_folds"), data.get("fold", 0)
+    if not (fold == 0 or _ints(fold)) or not (
+        num_folds is None or (_ints(num_folds) and num_folds >= 2)
+    ):
+        return []
+    problem = fold_problem(num_folds, fold)
+    return [problem] if problem else []
 
 
 def _batch_problems(data: Mapping[str, Any], trainer: Mapping[str, Any]) -> list[str]:
