@@ -9,6 +9,7 @@ from vitlab.data.base import ImageDataModule, InceptionCropDataModule
 from vitlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from vitlab.data.digits import DigitsDataModule
 from vitlab.data.image_folder import ImageFolderDataModule
+from vitlab.data.medmnist import MedMNISTDataModule
 from vitlab.data.synthetic import SyntheticDataModule
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "InceptionCropDataModule",
+    "MedMNISTDataModule",
     "SyntheticDataModule",
 ]
