@@ -66,7 +66,13 @@ from vitlab.bench.report import bench_report, write_report
 from vitlab.bench.timm_models import timm_model
 from vitlab.bounds import Count, NonNegativeInt
 from vitlab.errors import ConfigError
-from vitlab.runs.build import build_classifier, build_trainer, compile_options, instantiate
+from vitlab.runs.build import (
+    build_classifier,
+    build_optimizer_factory,
+    build_trainer,
+    compile_options,
+    instantiate,
+)
 from vitlab.runs.tasks import prepare_run
 from vitlab.runs.validate import check_run
 from vitlab.training.flops import count_flops, measure_peak_flops, precision_dtype, synchronize
@@ -254,9 +260,10 @@ def _bare_loop_contender(
     """`model` in a `BareLoop` with the configured optimizer and gradient clipping."""
     if workload.precision.endswith("-true"):
         model.to(input_dtype_for(workload.precision))
+    factory, layer_decay = build_optimizer_factory(cfg.optimizer)
     loop = BareLoop(
         model,
-        build_optimizer(instantiate(cfg.optimizer, "optimizer"), model),
+        build_optimizer(factory, model, layer_decay),
         workload.data.train_dataloader(),
         workload.device,
         workload.precision,

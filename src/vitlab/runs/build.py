@@ -67,6 +67,17 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     return backbone
 
 
+def build_optimizer_factory(node: DictConfig) -> tuple[Any, float | None]:
+    """The `optimizer` node's factory (a Hydra partial) and its `optimizer.layer_decay`.
+
+    `layer_decay` is vitlab's, not the torch optimizer's: it is taken out of the node
+    before the node is built, and goes to `optim.build_optimizer` (None when unset).
+    """
+    node = OmegaConf.to_container(node, resolve=True)
+    layer_decay = node.pop("layer_decay", None)
+    return instantiate(node, "optimizer"), layer_decay
+
+
 def build_classifier(
     cfg: DictConfig, with_optimizer: bool = True, class_names: Sequence[str] | None = None
 ) -> ImageClassifier:
@@ -84,7 +95,9 @@ def build_classifier(
     options = compile_options(cfg.get("compile"))
     if options is not None:
         backbone.compile(**options)  # in place: state-dict keys stay those of the model
-    optimizer = instantiate(cfg.optimizer, "optimizer") if with_optimizer else None
+    optimizer, layer_decay = (
+        build_optimizer_factory(cfg.optimizer) if with_optimizer else (None, None)
+    )
     scheduler = instantiate(scheduler, "scheduler") if scheduler else None
     try:
         return ImageClassifier(
@@ -95,7 +108,10 @@ def build_classifier(
             label_smoothing=cfg.get("loss", {}).get("label_smoothing", 0.0),
             class_names=class_names,
             config=OmegaConf.to_container(cfg, resolve=True),
+            layer_decay=layer_decay,
         )
+    except ConfigError:
+        raise  # names its key already (optimizer.layer_decay)
     except ValueError as err:  # the loss's own fields, e.g. label_smoothing
         raise ConfigError(f"Bad value under `loss`: {err}") from err
 

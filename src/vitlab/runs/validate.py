@@ -136,6 +136,11 @@ RULES: dict[str, Rule] = {
     "optimizer.momentum": _FRACTION,
     "optimizer.eps": _POSITIVE,
     "optimizer.betas": Rule(lambda v: all(0 <= b < 1 for b in v), "use two numbers in [0, 1)"),
+    # vitlab's, not torch's (CONSUMED): no signature types it, so this rule also refuses text.
+    "optimizer.layer_decay": Rule(
+        lambda v: v is None or (is_number(v) and 0 < v <= 1),
+        "use a number in (0, 1], e.g. 0.75, or null for one learning rate",
+    ),
     "trainer.max_epochs": _count_or_unlimited(none_ok=True),
     "trainer.max_steps": _count_or_unlimited(none_ok=False),
     "trainer.accumulate_grad_batches": _at_least(1),
@@ -170,7 +175,7 @@ NODES = {"loss": settings.Loss, "extras": settings.Extras, "paths": settings.Pat
 # Nodes of `_target_` nodes, one per entry (`callbacks.model_checkpoint`, `logger.csv`).
 COLLECTIONS = ("callbacks", "logger")
 # Keys of a `_target_` node that the runs layer reads before building it.
-CONSUMED = {"model": ("pretrained",)}
+CONSUMED = {"model": ("pretrained",), "optimizer": ("layer_decay",)}
 
 
 def check_run(cfg: Any, gpu_available: bool | None = None) -> None:

@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.errors import NonFiniteLossError
 from vitlab.models.flexi import draw_patch_size, state_dict_at_patch_size
-from vitlab.training.optim import build_optimizer
+from vitlab.training.optim import build_optimizer, check_layer_decay
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
@@ -42,6 +42,11 @@ class ImageClassifier(L.LightningModule):
             position embeddings or the class token. None for evaluation only.
         scheduler: factory called as `scheduler(optimizer, total_steps=...)`, stepped
             every optimizer step; None for a constant learning rate.
+        layer_decay: layer-wise learning-rate decay in (0, 1] (BEiT's and MAE's
+            fine-tuning recipe, `optim.param_groups`): block i of depth trains at
+            `layer_decay ** (depth - i)` times the optimizer's `lr`, the head at `lr`,
+            the embeddings at `layer_decay ** (depth + 1)`; the backbone must have
+            `blocks`. None: one learning rate.
         num_classes: number of classes (for the metrics).
         label_smoothing: cross-entropy label smoothing in [0, 1).
         class_names: the name of each label, in label order (the datamodule's
@@ -61,8 +66,11 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         config: dict[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
+        if layer_decay is not None:
+            check_layer_decay(backbone, layer_decay)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         if class_names is not None:
@@ -76,6 +84,7 @@ class ImageClassifier(L.LightningModule):
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.layer_decay = layer_decay
         self.label_smoothing = label_smoothing
         top_k = min(5, num_classes)
         metrics = MetricCollection(
@@ -172,7 +181,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(
                 "ImageClassifier was built without an optimizer; pass `optimizer=` to train it"
             )
-        optimizer = build_optimizer(self.optimizer_factory, self.backbone)
+        optimizer = build_optimizer(self.optimizer_factory, self.backbone, self.layer_decay)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(
