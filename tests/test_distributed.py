@@ -218,7 +218,8 @@ def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One epoch of 3 steps on 2 ranks, then the test split with the best checkpoint.
 
     Validation and test sets of odd size (201, 299) give the ranks shards of unequal size.
-    FlexiViT is on, so that the ranks' drawn patch sizes can be compared.
+    FlexiViT is on, so that the ranks' drawn patch sizes can be compared; so is the EMA of
+    the weights, so that its metrics can be compared with one process's.
     """
     cwd = tmp_path_factory.mktemp("ddp_run")
     result = _train_py(
@@ -232,6 +233,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=3",
         f"model.flexi_patch_sizes=[{','.join(map(str, FLEXI_SIZES))}]",
+        "callbacks.ema.decay=0.9",
     )
     return cwd, result
 
@@ -290,6 +292,37 @@ def test_ddp_val_and_test_metrics_equal_one_process_on_the_same_weights(ddp_run)
     assert set(names) <= set(one_process)
     for name in names:
         assert ddp_metrics[name] == pytest.approx(one_process[name], abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_ddp_ema_metrics_equal_one_process_on_the_checkpoints_ema_weights(ddp_run):
+    cwd, result = ddp_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (cwd / "logs" / "train" / "runs").iterdir()
+    ddp_metrics = _json(run / "metrics.json")
+    (ckpt,) = (run / "checkpoints").glob("epoch_*.ckpt")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["ema_state_dict"].keys() == checkpoint["state_dict"].keys()
+    cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = build_classifier(cfg, with_optimizer=False)
+    model.ema_weights = True
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    one_process = {
+        **trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)[0],
+        **trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)[0],
+    }
+    for split in ("val", "test"):
+        for name in ("acc", "loss"):
+            got = ddp_metrics[f"{split}/{name}_ema"]
+            assert got == pytest.approx(one_process[f"{split}/{name}"], abs=1e-6), split + name
 
 
 # --- DDP inside a multirun ------------------------------------------------------------------

@@ -62,18 +62,16 @@ def _train_with(cfg: Any, *extra: L.Callback, monkeypatch: pytest.MonkeyPatch) -
         return tasks.train(cfg)
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
 # Each model draws random numbers in every step: dropout, stochastic depth, and for the ViT
 # also FlexiViT's patch size (from seed and step) and PatchDropout's tokens (global RNG).
+# The ViT also keeps an EMA of its weights, which must resume exactly too.
 RANDOM_MODELS = {
     "vit": (
         "model=vit_tiny",
         "model.dropout_rate=0.1",
         "model.flexi_patch_sizes=[4,8]",
         "model.patch_dropout=0.25",
+        "callbacks.ema.decay=0.9",
     ),
     "gmlp": ("model=gmlp_tiny", "model.drop_path_rate=0.1"),
 }
@@ -97,13 +95,19 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_
     assert stopped["global_step"] == 28 and stopped["epoch"] == 1, "mid-epoch"
     tasks.train(make_cfg(*exact, "ckpt_path=last"))
 
-    whole = _weights(whole_dir / "checkpoints" / "last.ckpt")
-    resumed = _weights(tmp_path / "checkpoints" / "last.ckpt")
-    for name, tensor in whole.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    whole = torch.load(whole_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, tensor in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    with_ema = "callbacks.ema.decay=0.9" in model
+    assert ("ema_state_dict" in whole) == ("ema_state_dict" in resumed) == with_ema
+    for name, tensor in whole.get("ema_state_dict", {}).items():
+        assert torch.equal(resumed["ema_state_dict"][name], tensor), f"EMA {name}"
+    assert resumed.get("ema_state") == whole.get("ema_state")
     expected = json.loads((whole_dir / "metrics.json").read_text())
     got = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("val/loss", "val/acc", "train/loss_step", "lr-AdamW/pg1"):
+    keys = ("val/loss", "val/acc", "train/loss_step", "lr-AdamW/pg1")
+    for key in (*keys, "val/acc_ema", "val/loss_ema") if with_ema else keys:
         assert got[key] == pytest.approx(expected[key], abs=1e-6), key
 
 

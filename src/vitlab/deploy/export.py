@@ -74,7 +74,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """
     check_run(cfg)
     prepare_run(cfg)
-    source = load_source(cfg.ckpt_path, key="ckpt_path", timm_name=cfg.get("timm_name"))
+    source = load_source(
+        cfg.ckpt_path, key="ckpt_path", timm_name=cfg.get("timm_name"), ema=cfg.get("ema", False)
+    )
     images = check_images(
         source.data_config, source.preprocess, cfg.check_images, cfg.batch_size, cfg.seed or 0
     )
@@ -232,6 +234,8 @@ def _report(
     return {
         "ckpt_path": source.label,
         "kind": source.kind,
+        # A run checkpoint's trained weights, or its EMA weights (`ema=true`).
+        "weights": "ema" if cfg.get("ema") else "trained",
         "format": cfg.format,
         "quantize": cfg.quantize,
         "opset": cfg.opset if cfg.format == "onnx" else None,

@@ -86,7 +86,7 @@ def predict(cfg: DictConfig) -> list[Prediction]:
     check_run(cfg)
     out = output_path(cfg.get("out"), cfg.paths.output_dir)
     files = find_images(str(cfg.inputs))
-    classifier = open_classifier(str(cfg.model_path), cfg.get("timm_name"))
+    classifier = open_classifier(str(cfg.model_path), cfg.get("timm_name"), cfg.get("ema", False))
     prepare_run(cfg)
     top_k = cfg.top_k
     if top_k > len(classifier.class_names):
@@ -146,12 +146,18 @@ def find_images(inputs: str) -> list[Path]:
     return sorted(files)
 
 
-def open_classifier(model_path: str, timm_name: str | None = None) -> Classifier:
-    """The model `model_path` names: an exported ONNX folder, or any file `load_source` reads."""
+def open_classifier(model_path: str, timm_name: str | None = None, ema: bool = False) -> Classifier:
+    """The model `model_path` names: an exported ONNX folder, or any file `load_source` reads
+    (a run checkpoint's EMA weights with `ema`)."""
     path = Path(model_path).expanduser()
     if path.is_dir():
+        if ema:
+            raise ConfigError(
+                f"ema=true takes a run checkpoint's EMA weights, but model_path={path} is an "
+                "exported folder; export with `src/export.py ... ema=true` instead"
+            )
         return _onnx_classifier(path)
-    source = load_source(path, key="model_path", timm_name=timm_name)
+    source = load_source(path, key="model_path", timm_name=timm_name, ema=ema)
     model = source.model.eval()
 
     def logits(images: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from vitlab.errors import CheckpointError, ConfigError
 from vitlab.models import from_official_npz, from_timm
 from vitlab.models.checkpoints.timm import TIMM_SUFFIXES
 from vitlab.runs.build import build_backbone
+from vitlab.training.ema import ema_state_dict
 
 SourceKind = Literal["checkpoint", "official", "timm"]
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -57,13 +58,15 @@ class ModelSource:
 
 
 def load_source(
-    path: str | Path, *, key: str = "model_path", timm_name: str | None = None
+    path: str | Path, *, key: str = "model_path", timm_name: str | None = None, ema: bool = False
 ) -> ModelSource:
     """Read the model `path` holds; the suffix decides how.
 
     `key` is the config key that named the file, used in messages. `timm_name` (a
     timm model name, e.g. "vit_small_patch16_224") is needed for a timm ViT only,
-    whose head count no weight shape tells. A missing file, an unknown suffix or an
+    whose head count no weight shape tells. `ema` takes a run checkpoint's EMA weights
+    (`vitlab.training.ema`) instead of its trained ones; a checkpoint without them, or
+    another file, raises a `ConfigError`. A missing file, an unknown suffix or an
     unreadable file raises a `CheckpointError` naming `key`, the path and what is accepted.
     """
     path = Path(path).expanduser()
@@ -71,7 +74,12 @@ def load_source(
     if not path.is_file():
         raise CheckpointError(f"{key}={path} does not exist or is not a file; give {ACCEPTED}")
     if suffix == CHECKPOINT_SUFFIX:
-        return _from_run_checkpoint(path, key)
+        return _from_run_checkpoint(path, key, ema)
+    if ema and suffix in (OFFICIAL_SUFFIX, *TIMM_SUFFIXES):
+        raise ConfigError(
+            f"ema=true takes the EMA weights a run checkpoint ({CHECKPOINT_SUFFIX}) keeps, but "
+            f"{key}={path} is an official or timm file, with one set of weights; leave ema=false"
+        )
     if suffix == OFFICIAL_SUFFIX:
         model = from_official_npz(path)
         return ModelSource(model, Preprocess.for_model(model), None, None, str(path), "official")
@@ -88,8 +96,9 @@ def load_source(
     raise CheckpointError(f"{key}={path} has the suffix {suffix or '(none)'!r}; give {ACCEPTED}")
 
 
-def _from_run_checkpoint(path: Path, key: str) -> ModelSource:
-    """The backbone of a `src/train.py` checkpoint, rebuilt from the run config saved in it."""
+def _from_run_checkpoint(path: Path, key: str, ema: bool) -> ModelSource:
+    """The backbone of a `src/train.py` checkpoint, rebuilt from the run config saved in it;
+    its EMA weights with `ema`."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated, another format, or not a PyTorch file at all
@@ -114,9 +123,10 @@ def _from_run_checkpoint(path: Path, key: str) -> ModelSource:
         raise CheckpointError(
             f"{key}={path}: its saved model config does not build: {err}"
         ) from err
+    state_dict = ema_state_dict(checkpoint, f"{key}={path}") if ema else checkpoint["state_dict"]
     weights = {
         name.removeprefix(BACKBONE_PREFIX): tensor
-        for name, tensor in checkpoint["state_dict"].items()
+        for name, tensor in state_dict.items()
         if name.startswith(BACKBONE_PREFIX)
     }
     try:

@@ -46,6 +46,8 @@ class EvalSettings(RunSettings):
     """Top-level keys of `conf/eval.yaml`: the checkpoint to test is required."""
 
     ckpt_path: str
+    # Test the checkpoint's EMA weights (`ema_state_dict`) instead of its trained ones.
+    ema: bool = False
 
 
 @dataclass(kw_only=True)
@@ -60,6 +62,7 @@ class PredictSettings(RunSettings):
     batch_size: Count = 32
     out: str | None = None
     timm_name: str | None = None
+    ema: bool = False
 
 
 @dataclass(kw_only=True)
@@ -74,6 +77,7 @@ class ExportSettings(RunSettings):
     check_images: Count | None = 512
     batch_size: Count = 32
     latency_batches: Count = 5
+    ema: bool = False
 
 
 @dataclass(kw_only=True)

@@ -37,6 +37,7 @@ from vitlab.runs.provenance import record_provenance
 from vitlab.runs.resume import resolve_ckpt_path
 from vitlab.runs.validate import check_run, patch_size_change_problem
 from vitlab.training.allocator import retain_freed_memory
+from vitlab.training.ema import ema_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,14 @@ def train(cfg: DictConfig) -> float | None:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint. The model and data come from the run config saved in the checkpoint
     unless the command line picks others (`model=...`, `data=...`); `+data.batch_size=...`
-    changes one field of the saved data config."""
+    changes one field of the saved data config. `ema=true` tests the checkpoint's EMA
+    weights (`vitlab.training.ema`): the metrics `test/*` are then the EMA's."""
     # The eval keys, `ckpt_path` first; model and data come from the checkpoint, checked below.
     check_run(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("model", "data")]))
     run_cfg = run_config_of(cfg.ckpt_path)
+    if cfg.get("ema"):  # memory-mapped: only the keys are read
+        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        ema_state_dict(checkpoint, f"ckpt_path={cfg.ckpt_path}")
     with open_dict(cfg):
         for key in ("data", "model"):  # data first: the model reads ${data.*}
             chosen = cfg.get(key)
@@ -118,6 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         prepare_run(cfg)
         datamodule = instantiate(cfg.data, "data")
         model = build_classifier(cfg, with_optimizer=False, class_names=datamodule.class_names)
+        model.ema_weights = bool(cfg.get("ema"))
         trainer = build_trainer(cfg)
         trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         metrics = scalar_metrics(trainer.callback_metrics)

@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.errors import NonFiniteLossError
 from vitlab.models.flexi import draw_patch_size, state_dict_at_patch_size
+from vitlab.training.ema import ema_state_dict
 from vitlab.training.optim import build_optimizer, check_layer_decay
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -55,6 +56,9 @@ class ImageClassifier(L.LightningModule):
         config: the run's resolved config as plain data. It is saved with the
             hyperparameters, so a checkpoint alone rebuilds its model (`src/eval.py`)
             and every logger records the whole config.
+        ema_weights: load a checkpoint's EMA weights (`ema_state_dict`, `vitlab.training.ema`)
+            in place of its trained ones; `src/eval.py ema=true` sets it. Not a constructor
+            argument: it says how to load, not what the model is, so it is not saved.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.layer_decay = layer_decay
         self.label_smoothing = label_smoothing
+        self.ema_weights = False
         top_k = min(5, num_classes)
         metrics = MetricCollection(
             {
@@ -164,8 +169,11 @@ class ImageClassifier(L.LightningModule):
         the kernel PI-resized and the learned table resized as FlexiViT does
         (`flexi.state_dict_at_patch_size`), so `src/eval.py ckpt_path=... +model.patch_size=8`
         evaluates any ViT checkpoint at patch 8. Lightning calls this before it loads the
-        state dict; a checkpoint at the backbone's own patch size is left alone.
+        state dict; a checkpoint at the backbone's own patch size is left alone. With
+        `ema_weights`, the checkpoint's EMA weights replace its trained ones first.
         """
+        if self.ema_weights:
+            checkpoint["state_dict"] = ema_state_dict(checkpoint, "the loaded checkpoint")
         checkpoint["state_dict"] = state_dict_at_patch_size(
             checkpoint["state_dict"], self.backbone, prefix="backbone."
         )
