@@ -116,11 +116,16 @@ class ImageClassifier(L.LightningModule):
         return self.backbone(images, patch_size=patch_size)
 
     def _loss_and_log_metrics(
-        self, batch: tuple[torch.Tensor, torch.Tensor], split: str, patch_size: int | None = None
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        split: str,
+        patch_size: int | None = None,
+        logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The batch's mean loss; updates and logs the split's loss and accuracy."""
+        """The batch's mean loss; updates and logs the split's loss and accuracy. `logits`: the
+        batch's, if the caller has run the forward already."""
         images, labels = batch
-        logits = self(images, patch_size)
+        logits = self(images, patch_size) if logits is None else logits
         losses = F.cross_entropy(
             logits.float(), labels, label_smoothing=self.label_smoothing, reduction="none"
         )
@@ -181,8 +186,11 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._loss_and_log_metrics(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._loss_and_log_metrics(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The batch's logits, for callbacks that look at each prediction (`PerClassResults`)."""
+        logits = self(batch[0])
+        self._loss_and_log_metrics(batch, "test", logits=logits)
+        return logits.detach()
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:
