@@ -4,8 +4,10 @@ An eval sweep (`logs/eval/multiruns/<time>`, e.g. one checkpoint at several patc
 compares the same way, by `test/acc` and the test loop's throughput.
 
 Prints a table of the jobs (varied overrides, status, final metrics, throughput), best
-first, and writes `compare.md`, `compare.csv` and PNG plots beside them. No server needed:
-everything is read from the run folders (`vitlab.reports`).
+first, and writes `compare.md`, `compare.csv` and PNG plots beside them. A sweep over
+`seed` or `data.fold` also gets the mean ± std of each configuration's repeats, printed
+and written to `compare_mean.md` and `compare_mean.csv`. No server needed: everything is
+read from the run folders (`vitlab.reports`).
 """
 
 import argparse
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = reports.sort_runs(runs, metric)
     varied = reports.varied_keys(runs)
     reports.print_table(reports.comparison_table(runs, varied, metric), title=f"Runs by {metric}")
+    means = reports.mean_table(runs, metric)
+    if means is not None:
+        repeats = ", ".join(reports.repeat_keys(varied))
+        reports.print_table(means, title=f"Mean ± std over {repeats}, by {metric}")
     written = reports.write_report(runs, args.out or args.folders[0], metric)
     rich.print(f"[bold]Wrote[/bold] {escape(', '.join(str(p) for p in written))}")
     return 0

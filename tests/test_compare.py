@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,10 @@ from types import ModuleType
 import nbformat
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 from nbclient import NotebookClient
+from rich.console import Console
 
 from tests.conftest import wait_until_wandb_run_is_written
 from vitlab import reports
@@ -223,6 +228,7 @@ def test_compare_writes_the_table_and_plots_into_the_multirun_folder(sweep):
     assert "Runs by val/acc" in result.stdout and FAILURE in result.stdout
     for name in ("compare.md", "compare.csv", *PLOTS):
         assert (sweep / name).stat().st_size > 0, name
+    assert not (sweep / "compare_mean.md").exists()  # no seed or fold varied
     with (sweep / "compare.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 8
@@ -440,3 +446,225 @@ def test_a_dynamic_patch_key_swept_is_a_column_like_any_other(tmp_path, key, val
     table = reports.comparison_table(runs, [key], "test/acc")
     assert table.columns[:3] == ["job", key, "status"]
     assert [row[key] for row in table.rows] == values
+
+
+# ----------------------------------------------------------------------------- repeats
+
+
+def write_train_job(job: Path, overrides: list[str], metrics: dict[str, float] | None) -> None:
+    """A training job as the reader needs it: `.hydra/` and `status.json`, and `metrics.json`
+    unless `metrics` is None (the job failed)."""
+    config = {
+        "task_name": "train",
+        "optimized_metric": "val/acc",
+        "trainer": {"precision": "32-true"},
+    }
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    status = {
+        "status": "failed" if metrics is None else "completed",
+        "error": FAILURE if metrics is None else None,
+        "overrides": overrides,
+    }
+    (job / "status.json").write_text(json.dumps(status))
+
+
+THROUGHPUT = "train/samples_per_sec"
+# model.patch_size -> val/acc by seed (None: the job failed); the worse group is written first.
+SEEDED = {8: (0.90, 0.92, None), 4: (0.97, 0.975, 0.98)}
+
+
+@pytest.fixture
+def seed_sweep(tmp_path: Path) -> Path:
+    """`model.patch_size=8,4 seed=1,2,3`: six jobs, the third seed of patch 8 failed."""
+    sweep = tmp_path / "multiruns" / "2026-11-22_06-00-00"
+    jobs = ((p, s, acc) for p, accs in SEEDED.items() for s, acc in enumerate(accs, start=1))
+    for number, (patch_size, seed, acc) in enumerate(jobs):
+        metrics = None if acc is None else {"val/acc": acc, THROUGHPUT: 1000 / patch_size + seed}
+        write_train_job(
+            sweep / str(number), [f"model.patch_size={patch_size}", f"seed={seed}"], metrics
+        )
+    return sweep
+
+
+def test_jobs_that_differ_only_in_seed_are_one_row_of_mean_std_and_n(seed_sweep):
+    table = reports.mean_table(reports.load_runs([seed_sweep]), "val/acc")
+    assert table.columns == ["jobs", "model.patch_size", "n", "val/acc", THROUGHPUT]
+    by_patch = {row["model.patch_size"]: row for row in table.rows}
+    assert by_patch["4"]["jobs"] == "3,4,5" and by_patch["4"]["n"] == 3
+    assert by_patch["4"]["val/acc"].mean == pytest.approx(0.975)
+    assert by_patch["4"]["val/acc"].std == pytest.approx(0.005)  # sample std (ddof=1)
+    assert by_patch["8"]["n"] == 2  # the failed seed does not count
+    assert by_patch["8"]["val/acc"].std == pytest.approx(0.02 / 2**0.5)
+
+
+def test_groups_are_sorted_by_their_mean_best_first(seed_sweep):
+    table = reports.mean_table(reports.load_runs([seed_sweep]), "val/acc")
+    assert [row["model.patch_size"] for row in table.rows] == ["4", "8"]
+
+
+def test_a_run_without_the_metric_counts_only_in_the_cells_it_has(seed_sweep):
+    (seed_sweep / "0" / "metrics.json").write_text(json.dumps({THROUGHPUT: 126.0}))
+    table = reports.mean_table(reports.load_runs([seed_sweep]), "val/acc")
+    row = next(row for row in table.rows if row["model.patch_size"] == "8")
+    assert row["n"] == row["val/acc"].n == 1 and row[THROUGHPUT].n == 2
+    assert reports.cell_text(row, "val/acc") == "0.9200"  # one run: no std
+    assert reports.cell_text(row, THROUGHPUT) == "126.5 ± 0.7 (n=2)"
+
+
+def test_data_fold_groups_like_seed(tmp_path):
+    sweep = tmp_path / "multiruns" / "2026-11-22_07-00-00"
+    for number, (lr, fold) in enumerate(itertools.product(("0.1", "0.01"), range(3))):
+        overrides = [f"optimizer.lr={lr}", f"data.fold={fold}"]
+        write_train_job(sweep / str(number), overrides, {"val/acc": 0.8 + 0.01 * fold})
+    table = reports.mean_table(reports.load_runs([sweep]), "val/acc")
+    assert [(row["optimizer.lr"], row["n"]) for row in table.rows] == [("0.1", 3), ("0.01", 3)]
+
+
+def test_a_sweep_without_seed_or_fold_has_no_mean_table(sweep):
+    assert reports.mean_table(reports.load_runs([sweep]), "val/acc") is None
+
+
+def test_compare_prints_and_writes_the_mean_table_of_a_seed_sweep(seed_sweep, capsys):
+    assert run_compare(seed_sweep) == 0
+    assert "Mean ± std over seed, by val/acc" in capsys.readouterr().out
+    with (seed_sweep / "compare_mean.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0])[:6] == [
+        "jobs", "model.patch_size", "n", "val/acc_mean", "val/acc_std", "val/acc_n",
+    ]  # fmt: skip
+    assert [row["val/acc_n"] for row in rows] == ["3", "2"]
+    assert "| 3,4,5 | 4 | 3 | 0.9750 ± 0.0050 |" in (seed_sweep / "compare_mean.md").read_text()
+    assert len((seed_sweep / "compare.csv").read_text().splitlines()) == 1 + 6  # every job
+
+
+def test_a_group_of_one_run_has_a_blank_std_in_the_csv(tmp_path):
+    sweep = tmp_path / "multiruns" / "2026-11-22_08-00-00"
+    for number, (patch_size, seed) in enumerate(((4, 1), (4, 2), (8, 1))):
+        overrides = [f"model.patch_size={patch_size}", f"seed={seed}"]
+        write_train_job(sweep / str(number), overrides, {"val/acc": 0.9})
+    table = reports.mean_table(reports.load_runs([sweep]), "val/acc")
+    reports.write_csv(table, tmp_path / "mean.csv")
+    with (tmp_path / "mean.csv").open() as file:
+        rows = {row["model.patch_size"]: row for row in csv.DictReader(file)}
+    assert rows["8"]["val/acc_mean"] == "0.9" and rows["8"]["val/acc_std"] == ""
+    assert rows["4"]["val/acc_std"] == "0.0"
+
+
+def test_patch_size_plots_draw_a_point_per_group_at_its_mean_with_error_bars(seed_sweep):
+    runs = reports.load_runs([seed_sweep])
+    [ax] = reports.plot_metric_vs_patch_size(runs, "val/acc").axes
+    [bars] = ax.containers
+    line, _, (yerr,) = bars
+    assert list(line.get_xdata()) == [4, 8]
+    assert list(line.get_ydata()) == pytest.approx([0.975, 0.91])
+    half_heights = [abs(y1 - y0) / 2 for (_, y0), (_, y1) in yerr.get_segments()]
+    assert half_heights == pytest.approx([0.005, 0.02 / 2**0.5])
+
+
+def test_the_throughput_scatter_draws_a_point_per_group_with_error_bars(seed_sweep):
+    runs = reports.load_runs([seed_sweep])
+    [ax] = reports.plot_metric_vs_throughput(runs, reports.varied_keys(runs), "val/acc").axes
+    assert len(ax.containers) == 2  # two groups, not six runs
+    assert [text.get_text() for text in ax.texts] == ["jobs 0,1,2: 8", "jobs 3,4,5: 4"]
+
+
+def test_scatter_labels_do_not_overlap_when_runs_have_almost_the_same_speed_and_accuracy(
+    tmp_path,
+):
+    """Seven runs within a pixel of each other, and one far off that sets the axes' range."""
+    sweep = tmp_path / "multiruns" / "2026-11-22_09-00-00"
+    for number in range(8):
+        overrides = [f"model.pos_embed=encoding_{number}", "model.patch_size=4"]
+        metrics = {"val/acc": 0.9 + 1e-5 * number, THROUGHPUT: 500.0 + 0.01 * number}
+        if number == 7:
+            metrics = {"val/acc": 0.5, THROUGHPUT: 1000.0}
+        write_train_job(sweep / str(number), overrides, metrics)
+    runs = reports.load_runs([sweep])
+    fig = reports.plot_metric_vs_throughput(runs, reports.varied_keys(runs), "val/acc")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.canvas.draw()
+    [ax] = fig.axes
+    boxes = [Text.get_window_extent(label, renderer) for label in ax.texts]  # not the leaders
+    assert len(boxes) == 8
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+
+
+# ----------------------------------------------------------------------------- the terminal
+
+
+def printed(table: reports.Comparison, width: int) -> list[str]:
+    """`print_table`'s lines on a console `width` columns wide."""
+    console = Console(file=io.StringIO(), width=width)
+    reports.print_table(table, "Runs by val/acc", console=console)
+    return console.file.getvalue().splitlines()
+
+
+def grid_table(sweep: Path) -> reports.Comparison:
+    runs = reports.sort_runs(reports.load_runs([sweep]), "val/acc")
+    return reports.comparison_table(runs, reports.varied_keys(runs), "val/acc")
+
+
+def whole(token: str, lines: list[str]) -> bool:
+    """True if `token` is on some line with no letter, digit or `.`/`_` glued to either side."""
+    pattern = re.compile(rf"(?<![\w.]){re.escape(token)}(?![\w.])")
+    return any(pattern.search(line) for line in lines)
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_every_header_and_number_of_the_terminal_table_stays_whole(sweep, width):
+    table = grid_table(sweep)
+    lines = printed(table, width)
+    assert max(len(line) for line in lines) <= width
+    names = reports.short_names([c for c in table.columns if c != "error"])
+    assert all(whole(name, lines) and whole(column, lines) for column, name in names.items())
+    cells = {reports.cell_text(row, c) for row in table.rows for c in table.columns}
+    assert all(whole(cell, lines) for cell in cells - {""})
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_every_mean_and_std_of_the_terminal_table_stays_whole(seed_sweep, width):
+    table = reports.mean_table(reports.load_runs([seed_sweep]), "val/acc")
+    lines = printed(table, width)
+    assert max(len(line) for line in lines) <= width
+    assert whole("0.9750 ± 0.0050", lines) and whole("train img/s", lines)
+
+
+@pytest.mark.parametrize(("width", "transposed"), [(80, True), (200, False)])
+def test_a_table_wider_than_the_console_is_printed_transposed(sweep, width, transposed):
+    lines = printed(grid_table(sweep), width)
+    header = any("pos_embed" in line and "status" in line for line in lines)
+    row_of_pos_embeds = any(re.search(r"pos_embed\W+learned\W+learned", line) for line in lines)
+    assert (header, row_of_pos_embeds) == (not transposed, transposed)
+
+
+def test_the_legend_names_every_shortened_column_and_only_those(sweep):
+    lines = printed(grid_table(sweep), 200)
+    legend = [line for line in lines if " = " in line]
+    assert legend == [
+        "patch_size = model.patch_size   pos_embed = model.pos_embed   "
+        "precision = trainer.precision   train img/s = train/samples_per_sec"
+    ]
+
+
+def test_the_varied_keys_come_right_after_the_job(sweep):
+    [header] = [line for line in printed(grid_table(sweep), 200) if "status" in line]
+    assert re.search(r"job\W+patch_size\W+pos_embed\W+precision\W+status", header)
+
+
+def test_short_names_are_the_shortest_suffix_no_other_column_ends_with():
+    names = reports.short_names(["job", "model.dropout", "optimizer.dropout", "model.patch_size"])
+    assert names == {
+        "job": "job",
+        "model.dropout": "model.dropout",
+        "optimizer.dropout": "optimizer.dropout",
+        "model.patch_size": "patch_size",
+    }
+
+
+def test_a_failed_job_s_error_is_printed_whole_under_the_table(sweep):
+    lines = printed(grid_table(sweep), 80)
+    assert f"job {FAILED_JOB} failed: {FAILURE}" in lines
