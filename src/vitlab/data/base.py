@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, default_collate
 
 from vitlab.bounds import Count, NonNegative, NonNegativeInt, Size
 from vitlab.data.folds import NumFolds, fold_problem
@@ -186,6 +186,14 @@ class ImageDataModule(LightningDataModule):
             # Worker base seeds come from here, not from the global RNG.
             "generator": torch.Generator().manual_seed(self.shuffle_seed),
         }
+        if getattr(self.trainer, "overfit_batches", 0):
+            # `debug=overfit`: the same first batches every epoch. Lightning swaps in a
+            # SequentialSampler for any other sampler, which our seeded samples cannot take.
+            sampler = SequentialSampler(dataset)
+            collate_fn = self._with_mixing(collate_fn) if train else collate_fn
+            return DataLoader(
+                dataset, sampler=sampler, drop_last=train, collate_fn=collate_fn, **common
+            )
         if not train:
             sampler = ShardSampler(len(dataset), rank, world_size)
             return DataLoader(dataset, sampler=sampler, collate_fn=collate_fn, **common)
