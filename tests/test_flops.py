@@ -81,3 +81,21 @@ def test_precision_names_its_compute_dtype(precision, dtype):
 def test_a_precision_without_one_dtype_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"trainer.precision='transformer-engine'"):
         precision_dtype("transformer-engine")
+
+
+@pytest.mark.parametrize(
+    ("flops_per_second", "size"),
+    [(1e12, 2048), (2e9, 512), (1e6, 256)],  # fast fp32, emulated bf16, hopeless
+)
+def test_the_peak_matmul_grows_only_while_one_takes_under_the_time_limit(
+    monkeypatch, flops_per_second, size
+):
+    """An emulated dtype (bf16 on an AVX2 CPU) must not make the first MFU log wait minutes."""
+    from vitlab.training import flops
+
+    def fake_seconds(a, b, device):
+        return 2 * a.shape[0] ** 3 / flops_per_second
+
+    monkeypatch.setattr(flops, "_matmul_seconds", fake_seconds)
+    monkeypatch.setattr(flops, "_square_operands", lambda d, t, n: (torch.empty(n, 0), None))
+    assert flops.peak_matmul_size("cpu", torch.bfloat16) == size

@@ -11,7 +11,9 @@ attention as zero there. Matmuls and convolutions are counted; elementwise work
 
 The peak is measured, not looked up: the best FLOP/s of a few large square matmuls
 in the dtype the run computes in, on the same device. That is what this machine can
-reach in that dtype right now (a shared CPU included), not a datasheet number.
+reach in that dtype right now (a shared CPU included), not a datasheet number. The
+matmul grows from a small one only while it is quick: a dtype the CPU only emulates
+(bfloat16 without AVX-512 BF16 or AMX) would otherwise take minutes on the largest.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ PRECISION_DTYPES = {
 }
 # Side of the square matmul that measures the peak: large enough to saturate the device.
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+# The side the search for it starts at, and the time one matmul may take before it stops growing.
+FIRST_PEAK_MATMUL_SIZE, PEAK_MATMUL_SECONDS = 256, 0.05
 _PEAKS: dict[tuple[str, torch.dtype], float] = {}
 
 
@@ -87,23 +91,51 @@ def measure_peak_flops(
 ) -> float:
     """The best FLOP/s of `repeats` (size x size) @ (size x size) matmuls in `dtype` on `device`.
 
-    `size` defaults to `PEAK_MATMUL_SIZE` for the device type. On a shared machine other
-    processes lower it; `cached_peak_flops` measures once per process, the benchmark
-    once per round and keeps the best.
+    `size` None: the side doubles from `FIRST_PEAK_MATMUL_SIZE` up to `PEAK_MATMUL_SIZE` of
+    the device type while one matmul takes under `PEAK_MATMUL_SECONDS` (`peak_matmul_size`),
+    so the measurement takes about a second whatever the dtype costs here. On a shared
+    machine other processes lower it; `cached_peak_flops` measures once per process, the
+    benchmark once per round and keeps the best.
     """
     device = torch.device(device)
-    size = size or PEAK_MATMUL_SIZE.get(device.type, 4096)
+    size = size or peak_matmul_size(device, dtype)
+    a, b = _square_operands(device, dtype, size)
+    best = float("inf")
+    for _ in range(repeats + 1):  # one more: the first warms up
+        best = min(best, _matmul_seconds(a, b, device))
+    return 2 * size**3 / best
+
+
+def peak_matmul_size(device: torch.device | str, dtype: torch.dtype) -> int:
+    """The side of the matmul that measures the peak: the largest up to `PEAK_MATMUL_SIZE` whose
+    predecessor (half the side, an eighth of the work) still took under `PEAK_MATMUL_SECONDS`."""
+    device = torch.device(device)
+    largest = PEAK_MATMUL_SIZE.get(device.type, 4096)
+    size = min(FIRST_PEAK_MATMUL_SIZE, largest)
+    while size < largest:
+        a, b = _square_operands(device, dtype, size)
+        _matmul_seconds(a, b, device)  # warm-up: the first call of a size pays for its setup
+        if _matmul_seconds(a, b, device) >= PEAK_MATMUL_SECONDS:
+            break
+        size = min(2 * size, largest)
+    return size
+
+
+def _square_operands(
+    device: torch.device, dtype: torch.dtype, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator(device).manual_seed(0)  # the run's random stream stays untouched
     a = torch.randn(size, size, device=device, generator=generator).to(dtype)
     b = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # one more: the first warms up
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return a, b
+
+
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    torch.mm(a, b)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def cached_peak_flops(device: torch.device | str, dtype: torch.dtype) -> float:
