@@ -49,14 +49,10 @@ def _status(job: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The patch x position x precision sweep, its grid narrowed to 2 x 1 x 2 from the command
-    line (suite time: each position encoding trains in other tests, bf16-mixed only here)."""
+    """The patch x position x precision sweep, its grid narrowed to 2 x 2 x 2 from the command line."""
     sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
     result = _multirun(
-        sweep_dir,
-        "sweep=patch_pos_precision",
-        "model.pos_embed=learned",
-        *TINY,
+        sweep_dir, "sweep=patch_pos_precision", "model.pos_embed=learned,sincos2d", *TINY
     )
     return sweep_dir, result
 
@@ -75,7 +71,7 @@ def test_grid_sweep_runs_every_job_of_the_overridden_grid(tiny_grid):
     sweep_dir, result = tiny_grid
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    assert len(jobs) == 4
+    assert len(jobs) == 8
     seen = set()
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
@@ -92,11 +88,9 @@ def test_grid_sweep_runs_every_job_of_the_overridden_grid(tiny_grid):
         assert (job / ".hydra" / "config.yaml").is_file()
         assert (job / "csv" / "metrics.csv").is_file()
         assert "test/acc" in json.loads((job / "metrics.json").read_text())
-    assert len(seen) == 4
+    assert len(seen) == 8
     pos = {o for combo in seen for o in combo if o.startswith("model.pos_embed")}
-    assert pos == {"model.pos_embed=learned"}
-    precisions = {o for combo in seen for o in combo if o.startswith("trainer.precision")}
-    assert precisions == {"trainer.precision=32-true", "trainer.precision=bf16-mixed"}
+    assert pos == {"model.pos_embed=learned", "model.pos_embed=sincos2d"}
 
 
 def test_compare_on_the_grid_writes_a_row_per_job_and_the_plots(tiny_grid):
@@ -106,8 +100,8 @@ def test_compare_on_the_grid_writes_a_row_per_job_and_the_plots(tiny_grid):
     spec.loader.exec_module(compare)
     assert compare.main([str(sweep_dir)]) == 0
     rows = (sweep_dir / "compare.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 4
-    assert {"model.patch_size", "trainer.precision"} <= set(rows[0].split(","))
+    assert len(rows) == 1 + 8
+    assert {"model.patch_size", "model.pos_embed", "trainer.precision"} <= set(rows[0].split(","))
     for plot in ("val_acc_curves.png", "acc_vs_patch_size.png", "acc_vs_throughput.png"):
         assert (sweep_dir / plot).stat().st_size > 0, plot
 
