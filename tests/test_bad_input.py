@@ -191,12 +191,12 @@ REFUSED = [
     (
         "train",
         ["model.pos_embed=conditional", "model.token_merging=4"],
-        r"model.token_merging=4 changes which tokens .* model.pos_embed=conditional needs every token",
+        r"model.token_merging=4 changes which tokens .* model.pos_embed='conditional' needs every token",
     ),
     (
         "train",
         ["model.pos_embed=rope2d", "model.patch_dropout=0.5"],
-        r"model.patch_dropout=0.5 changes which tokens .* model.pos_embed=rope2d needs every token",
+        r"model.patch_dropout=0.5 changes which tokens .* model.pos_embed='rope2d' needs every token",
     ),
     (
         "train",

@@ -20,6 +20,23 @@ from torch import nn
 NEEDS_EVERY_TOKEN = ("conditional", "rope2d")
 
 
+def token_set_problem(key: str, value: float, pos_embed: str, prefix: str = "") -> str | None:
+    """Why a model with `pos_embed` cannot run `key=value` (PatchDropout's rate, ToMe's r), or None.
+
+    Both change which tokens the blocks see; the encodings of `NEEDS_EVERY_TOKEN` cannot
+    follow. One message for the model's constructor, `token_merging`'s setter and the run
+    check (`prefix="model."`).
+    """
+    if not value or pos_embed not in NEEDS_EVERY_TOKEN:
+        return None
+    return (
+        f"{prefix}{key}={value} changes which tokens the blocks see, but "
+        f"{prefix}pos_embed={pos_embed!r} needs every token of the patch grid at its place "
+        f"(refused: {', '.join(NEEDS_EVERY_TOKEN)}); use pos_embed learned, sincos2d or none "
+        f"with it, or {prefix}{key}=0"
+    )
+
+
 class PatchDropout(nn.Module):
     """Keep a random `1 - rate` share of the patch tokens of each image while training.
 

@@ -26,7 +26,7 @@ import torch
 from einops import rearrange, reduce, repeat
 
 from vitlab.models import fast
-from vitlab.models.patch_dropout import NEEDS_EVERY_TOKEN
+from vitlab.models.patch_dropout import token_set_problem
 
 if TYPE_CHECKING:
     from vitlab.models.layers import Attention, Block, Rotate
@@ -59,13 +59,8 @@ def check_token_merging(r: object, pos_embed: str) -> None:
             f"token_merging={r!r} must be a non-negative integer: the tokens merged in "
             "every block (0 is off)"
         )
-    if r and pos_embed in NEEDS_EVERY_TOKEN:
-        raise ValueError(
-            f"token_merging={r} merges tokens, but pos_embed={pos_embed!r} needs each token "
-            f"at one place on the grid, which a merged token has not (refused: "
-            f"{', '.join(NEEDS_EVERY_TOKEN)}); token merging works with pos_embed learned, "
-            "sincos2d or none"
-        )
+    if problem := token_set_problem("token_merging", r, pos_embed):
+        raise ValueError(problem)
 
 
 def token_counts(tokens: int, r: int, depth: int, class_token: bool) -> list[int]:

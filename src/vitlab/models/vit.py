@@ -45,7 +45,7 @@ from vitlab.models.layers import (
     lecun_normal_,
     patch_grid,
 )
-from vitlab.models.patch_dropout import NEEDS_EVERY_TOKEN, PatchDropout
+from vitlab.models.patch_dropout import PatchDropout, token_set_problem
 from vitlab.models.pos_embed import PosEmbed, build_position_encoding
 from vitlab.models.stems import PIXEL_STEMS, RESNET_LAYERS, StemKind, build_stem, encoder_depth
 
@@ -157,11 +157,8 @@ class VisionTransformer(nn.Module):
         self.channels_last = channels_last
         self.num_prefix_tokens = 1 if classifier == "token" else 0
         self.flexi_patch_sizes = list(flexi_patch_sizes) if flexi_patch_sizes else None
-        if patch_dropout and pos_embed in NEEDS_EVERY_TOKEN:
-            raise ValueError(
-                f"patch_dropout={patch_dropout} drops patch tokens, but pos_embed={pos_embed!r} "
-                f"needs every token of the grid; use it with pos_embed learned, sincos2d or none"
-            )
+        if problem := token_set_problem("patch_dropout", patch_dropout, pos_embed):
+            raise ValueError(problem)
 
         self.patch_embed = PatchEmbed(
             cells,

@@ -344,7 +344,7 @@ def _dynamic_patch_problems(model: Mapping[str, Any]) -> list[str]:
     """Each FlexiViT size tiles the image as `patch_size` must; token merging and PatchDropout
     change the token set, which CPVT's PEG (the grid after block 0) and rope2d (each
     token's place) cannot follow (`patch_dropout.NEEDS_EVERY_TOKEN`)."""
-    from vitlab.models.patch_dropout import NEEDS_EVERY_TOKEN
+    from vitlab.models.patch_dropout import token_set_problem
 
     found = []
     sizes = model.get("flexi_patch_sizes")
@@ -363,15 +363,15 @@ def _dynamic_patch_problems(model: Mapping[str, Any]) -> list[str]:
                     f"size must be a multiple of {patch_size}"
                 )
     pos_embed = model.get("pos_embed")
-    if pos_embed in NEEDS_EVERY_TOKEN:
-        for key in ("token_merging", "patch_dropout"):
-            value = model.get(key)
-            if is_number(value) and value > 0:
-                found.append(
-                    f"model.{key}={value} changes which tokens the blocks see, but "
-                    f"model.pos_embed={pos_embed} needs every token of the patch grid; use "
-                    f"pos_embed learned, sincos2d or none with it, or model.{key}=0"
-                )
+    for key in ("token_merging", "patch_dropout"):
+        value = model.get(key)
+        problem = (
+            token_set_problem(key, value, pos_embed, prefix="model.")
+            if is_number(value) and isinstance(pos_embed, str)
+            else None
+        )
+        if problem:
+            found.append(problem)
     return found
 
 
