@@ -135,13 +135,23 @@ def state_dict_at_patch_size(state: StateDict, model: nn.Module, prefix: str = "
     state[kernel_key] = resample_patch_embed(kernel.double(), target).to(kernel.dtype)
     table, own = state.get(table_key), getattr(model.pos_embed, "pos_embedding", None)
     if table is not None and own is not None and table.shape != own.shape:
-        num_prefix_tokens = model.num_prefix_tokens
-        side = math.isqrt(table.shape[1] - num_prefix_tokens)
-        resized = resample_flexi_pos_embed(
-            table[0].double(), (side, side), model.pos_embed.grid, num_prefix_tokens
-        )
-        state[table_key] = resized[None].to(table.dtype)
+        state[table_key] = flexi_table_for(model, table, table.dtype)
     return state
+
+
+def flexi_table_for(model: nn.Module, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored (1, prefix + side², d) learned table resized to `model`'s grid as the flexi
+    model resizes it (`resample_flexi_pos_embed`, in float64), class-token rows kept, in `dtype`.
+
+    For a checkpoint (`state_dict_at_patch_size`) and an official file
+    (`checkpoints.resample`) of another patch size alike.
+    """
+    prefix = model.num_prefix_tokens
+    side = math.isqrt(table.shape[1] - prefix)
+    resized = resample_flexi_pos_embed(
+        table[0].double(), (side, side), model.pos_embed.grid, prefix
+    )
+    return resized[None].to(dtype)
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -5,7 +5,7 @@ Two resizes of the learned table, each named for what it follows:
 - `resample_posemb`, the original's fine-tuning at another resolution
   (`vit_jax/checkpoint.py`): the patch part resized bilinearly, the class token's row kept;
 - with `flexi=True`, FlexiViT's, for a file of another patch size: big_vision's flexi
-  model resizes its table so (`flexi.resample_flexi_pos_embed`), and the kernel is
+  model resizes its table so (`flexi.flexi_table_for`), and the kernel is
   PI-resized to the model's patch size (`resample_kernel`).
 """
 
@@ -16,7 +16,7 @@ import math
 import torch
 
 from vitlab.models.checkpoints.layout import _Link
-from vitlab.models.flexi import resample_flexi_pos_embed, resample_patch_embed
+from vitlab.models.flexi import flexi_table_for, resample_patch_embed
 from vitlab.models.pos_embed import resize_learned_posemb
 from vitlab.models.vit import VisionTransformer
 
@@ -39,10 +39,7 @@ def resample_posemb(
     ):
         return posemb
     if flexi:
-        table = resample_flexi_pos_embed(
-            posemb[0].double(), (side, side), model.pos_embed.grid, prefix
-        )
-        return table[None].float()
+        return flexi_table_for(model, posemb, torch.float32)
     return resize_learned_posemb(posemb.float(), prefix, (side, side), model.pos_embed.grid)
 
 
