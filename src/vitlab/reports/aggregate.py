@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vitlab.reports.runs import Run, float_or_none
+from vitlab.reports.runs import Run, float_or_none, job_order
 from vitlab.reports.table import (
     Comparison,
     Summary,
@@ -43,7 +43,7 @@ class Group:
     @property
     def name(self) -> str:
         """The jobs in job order, `0,3,6`, however the runs were sorted."""
-        return ",".join(sorted((run.name for run in self.runs), key=_job_order))
+        return ",".join(sorted((run.name for run in self.runs), key=job_order))
 
     @property
     def label(self) -> str:
@@ -117,8 +117,3 @@ def mean_table(runs: Sequence[Run], metric: str) -> Comparison | None:
         for group in groups
     ]
     return Comparison(columns=["jobs", *keys, "n", *metrics], rows=rows)
-
-
-def _job_order(name: str) -> tuple[bool, int, str]:
-    """Multirun jobs (`0`, `1`, ... `10`) by number, then other run names by name."""
-    return not name.isdigit(), int(name) if name.isdigit() else 0, name

@@ -97,9 +97,12 @@ def find_run_dirs(path: Path) -> list[Path]:
     if not path.is_dir():
         return []
     jobs = [child for child in path.iterdir() if is_run_dir(child)]
-    return sorted(
-        jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
-    )
+    return sorted(jobs, key=lambda job: job_order(job.name))
+
+
+def job_order(name: str) -> tuple[bool, int, str]:
+    """The sort key of a run name: multirun jobs (`0`, `1`, ... `10`) by number, then other names."""
+    return not name.isdigit(), int(name) if name.isdigit() else 0, name
 
 
 def newest_sweep(multiruns_dir: Path) -> Path:
