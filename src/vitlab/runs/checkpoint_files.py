@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vitlab.errors import ConfigError
+from vitlab.training.ema import ema_state_dict
 
 TRAINING_CHECKPOINT_KEYS = frozenset({"state_dict", "global_step", "loops", "optimizer_states"})
 
@@ -36,18 +37,29 @@ def existing_checkpoint(ckpt_path: str) -> Path:
     return path
 
 
+def mapped_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """The checkpoint, memory-mapped: its keys and small values are read, its tensors only
+    when used, so the checks below cost little even for a large file."""
+    path = existing_checkpoint(ckpt_path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a readable Lightning checkpoint ({type(err).__name__}: {err})"
+        ) from err
+
+
+def check_ema_weights(ckpt_path: str) -> None:
+    """Refuse `ema=true` for a checkpoint trained without EMA, naming it, before anything is built."""
+    ema_state_dict(mapped_checkpoint(ckpt_path), f"ckpt_path={ckpt_path}")
+
+
 def check_training_checkpoint(ckpt_path: str) -> None:
     """Refuse a file that is not a whole Lightning training checkpoint, naming it.
 
     Memory-mapped, so even a large checkpoint is checked without reading its tensors.
     """
-    path = existing_checkpoint(ckpt_path)
-    try:
-        keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-    except Exception as err:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err})"
-        ) from err
+    keys = set(mapped_checkpoint(ckpt_path))
     missing = TRAINING_CHECKPOINT_KEYS - keys
     if missing:
         raise ConfigError(
@@ -129,14 +141,7 @@ def _value(model: Mapping[str, Any], key: str) -> Any:
 
 def run_config_of(ckpt_path: str) -> dict[str, Any]:
     """The resolved run config that `src/train.py` saved in the checkpoint's hyperparameters."""
-    path = existing_checkpoint(ckpt_path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} is not a readable Lightning checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    config = checkpoint.get("hyper_parameters", {}).get("config")
+    config = mapped_checkpoint(ckpt_path).get("hyper_parameters", {}).get("config")
     if not config:
         raise ConfigError(
             f"ckpt_path={ckpt_path} holds no vitlab run config; was it written by `src/train.py`?"

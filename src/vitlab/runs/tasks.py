@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vitlab.errors import ConfigError, Interrupted, VitlabError, exit_with
 from vitlab.runs.build import build_classifier, build_trainer, instantiate
 from vitlab.runs.checkpoint_files import (
+    check_ema_weights,
     check_model_matches,
     check_training_checkpoint,
     run_config_of,
@@ -37,7 +38,6 @@ from vitlab.runs.provenance import record_provenance
 from vitlab.runs.resume import resolve_ckpt_path
 from vitlab.runs.validate import check_run, patch_size_change_problem
 from vitlab.training.allocator import retain_freed_memory
-from vitlab.training.ema import ema_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # The eval keys, `ckpt_path` first; model and data come from the checkpoint, checked below.
     check_run(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("model", "data")]))
     run_cfg = run_config_of(cfg.ckpt_path)
-    if cfg.get("ema"):  # memory-mapped: only the keys are read
-        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        ema_state_dict(checkpoint, f"ckpt_path={cfg.ckpt_path}")
+    if cfg.get("ema"):
+        check_ema_weights(cfg.ckpt_path)
     with open_dict(cfg):
         for key in ("data", "model"):  # data first: the model reads ${data.*}
             chosen = cfg.get(key)
