@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,6 +52,11 @@ def config_options(group: str) -> list[str]:
 register_resolvers()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The speed paths' measured choices (`vitlab.models.kernel_choice`) go to a file of this
+# run, not to the user's cache; the subprocesses of the suite share it.
+os.environ.setdefault(
+    "VITLAB_KERNEL_CACHE", str(Path(tempfile.mkdtemp(prefix="vitlab-kernels-")) / "kernels.json")
+)
 
 
 def run_train_py(

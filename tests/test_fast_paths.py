@@ -12,7 +12,13 @@ straightforward computation it replaces, forward and backward:
   against `pad_same`; the ResNet's ReLUs work in place (`fast.relu_in_place`);
 - without autograd, the MLPs' GELU overwrites its input (`fast.gelu_in_place`), or
   runs inside the first layer's matmul on a CPU (`fast.fused_linear_gelu`), against
-  the same model with autograd on.
+  the same model with autograd on;
+- the tanh GELU as x·σ(2u) (`fast.tanh_gelu`, `fast.tanh_gelu_backward`), against
+  PyTorch's GELU and its autograd.
+
+The paths whose winner depends on the CPU are taken where `kernel_choice` measured
+them faster; the tests here force each choice both ways (`choices`), so every
+path is checked on every machine.
 """
 
 from __future__ import annotations
@@ -156,8 +162,22 @@ def test_resnet_in_place_relus_give_the_out_of_place_gradients(monkeypatch) -> N
     torch.testing.assert_close(in_place, out_of_place)
 
 
+@pytest.fixture
+def choices(monkeypatch):
+    """Force the measured choices: `choices(fused=..., sigmoid_forward=..., sigmoid_backward=...)`."""
+
+    def force(fused: bool = False, sigmoid_forward: bool = False, sigmoid_backward: bool = False):
+        monkeypatch.setattr(fast, "_fused_wins", lambda *_: fused)
+        monkeypatch.setattr(fast, "_fused_token_mixing_wins", lambda *_: fused)
+        wins = {"forward": sigmoid_forward, "backward": sigmoid_backward}
+        monkeypatch.setattr(fast, "_tanh_gelu_wins", wins.__getitem__)
+
+    return force
+
+
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_gelu_overwrites_its_input_only_where_autograd_keeps_nothing(approximate) -> None:
+def test_gelu_overwrites_its_input_only_where_autograd_keeps_nothing(approximate, choices) -> None:
+    choices(sigmoid_forward=False)
     mlp = Mlp(8, 16, gelu_approximate=approximate)
     h = torch.randn(4, 16)
     expected = F.gelu(h, approximate=approximate)
@@ -176,6 +196,116 @@ def test_gelu_overwrites_its_input_only_where_autograd_keeps_nothing(approximate
     assert torch.equal(given.detach(), h)
     out.sum().backward()
     assert given.grad is not None
+
+
+def test_gelu_in_place_by_sigmoid_overwrites_its_input(choices) -> None:
+    choices(sigmoid_forward=True)
+    h = torch.randn(4, 16)
+    with torch.no_grad():
+        given = h.clone()
+        out = fast.gelu_in_place(given, nn.GELU(approximate="tanh"))
+    assert out.data_ptr() == given.data_ptr()
+    torch.testing.assert_close(out, F.gelu(h, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, fast.GELU_CHUNK], ids=["chunked", "one_chunk"])
+def test_tanh_gelu_by_sigmoid_is_pytorchs_tanh_gelu(chunk, monkeypatch) -> None:
+    monkeypatch.setattr(fast, "GELU_CHUNK", chunk)
+    x = torch.linspace(-12, 12, 3 * 101, dtype=torch.float64).reshape(3, 101)
+    torch.testing.assert_close(
+        fast.tanh_gelu(x), F.gelu(x, approximate="tanh"), rtol=1e-13, atol=1e-13
+    )
+    x32 = torch.randn(5, 33) * 4
+    expected = F.gelu(x32, approximate="tanh")
+    torch.testing.assert_close(fast.tanh_gelu(x32), expected, rtol=1e-6, atol=1e-6)
+    assert fast.tanh_gelu(x32, out=x32).data_ptr() == x32.data_ptr()
+    torch.testing.assert_close(x32, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, fast.GELU_CHUNK], ids=["chunked", "one_chunk"])
+def test_tanh_gelu_backward_is_the_gradient_of_pytorchs_tanh_gelu(chunk, monkeypatch) -> None:
+    monkeypatch.setattr(fast, "GELU_CHUNK", chunk)
+    x = torch.linspace(-12, 12, 3 * 101, dtype=torch.float64).reshape(3, 101).requires_grad_()
+    grad = torch.randn(3, 101, dtype=torch.float64)
+    F.gelu(x, approximate="tanh").backward(grad)
+    given = fast.tanh_gelu_backward(grad, x.detach())
+    torch.testing.assert_close(given, x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("forward", "backward"), [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_gelu_with_autograd_takes_each_direction_as_chosen(forward, backward, choices) -> None:
+    choices(sigmoid_forward=forward, sigmoid_backward=backward)
+    x = (torch.randn(6, 40) * 3).requires_grad_()
+    grad = torch.randn(6, 40)
+    out = fast.gelu(x, nn.GELU(approximate="tanh"))
+    out.backward(grad)
+    expected_x = x.detach().clone().requires_grad_()
+    expected = F.gelu(expected_x, approximate="tanh")
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda t: fast.gelu(t, nn.GELU(approximate="tanh")),
+        torch.randn(3, 5, dtype=torch.float64, requires_grad=True),
+    ) or not (forward or backward), "float64 takes PyTorch's GELU (the paths are float32)"
+
+
+def test_the_sigmoid_form_is_an_eager_cpu_float32_path() -> None:
+    x = torch.randn(4, 8)
+    assert fast._tanh_gelu_applies(x)
+    assert not fast._tanh_gelu_applies(x.double())
+    assert not fast._tanh_gelu_applies(x.bfloat16())
+    assert not fast._tanh_gelu_applies(x.mT), "strided: PyTorch's kernel"
+    traced = []
+    with pytest.warns(FutureWarning):  # jit.trace is deprecated, and still used by exporters
+        torch.jit.trace(
+            lambda t: traced.append(fast._tanh_gelu_applies(t)) or t, x, check_trace=False
+        )
+    assert traced and not any(traced)
+
+
+def test_linear_gelu_takes_the_fused_kernel_only_where_it_measured_faster(
+    choices, monkeypatch
+) -> None:
+    linear, x = nn.Linear(24, 40), torch.randn(2, 7, 24)
+    expected = F.gelu(linear(x), approximate="tanh").detach()
+    calls = []
+    real = fast.fused_linear_gelu
+    monkeypatch.setattr(fast, "fused_linear_gelu", lambda *a: calls.append(1) or real(*a))
+    for fused in (True, False):
+        choices(fused=fused)
+        calls.clear()
+        with torch.no_grad():
+            out = fast.linear_gelu(x, linear, nn.GELU(approximate="tanh"))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert calls == ([1] if fused else [])
+
+
+def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> None:
+    """The real measurements, on this machine: each picks one of its candidates and caches it."""
+    from vitlab.models import kernel_choice
+
+    monkeypatch.setenv("VITLAB_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    kernel_choice.forget()
+    try:
+        for direction in ("forward", "backward"):
+            assert fast._tanh_gelu_wins(direction) in (True, False)
+        assert fast._fused_wins(nn.Linear(8, 16), "tanh") in (True, False)
+        mixer_mlp = Mlp(9, 12)
+        assert fast._fused_token_mixing_wins(mixer_mlp, torch.randn(2, 9, 5)) in (True, False)
+        import json
+
+        cached = json.loads((tmp_path / "kernels.json").read_text())
+        assert set(cached[kernel_choice.machine_key()]) == {
+            "tanh_gelu_forward/cpu/float32",
+            "tanh_gelu_backward/cpu/float32",
+            "linear_gelu_tanh/8x16/cpu/float32",
+            "token_mixing_gelu_tanh/9x12x5/cpu/float32",
+        }
+    finally:
+        kernel_choice.forget()
 
 
 def test_fused_linear_gelu_is_the_plain_linear_then_gelu() -> None:
@@ -203,12 +333,14 @@ def test_fused_linear_gelu_steps_aside_where_it_does_not_apply() -> None:
     assert fused_linear_gelu(x, frozen, "tanh") is not None, "nothing to record"
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize(
     "make", [tiny_vit, tiny_mixer, tiny_hybrid], ids=["vit", "mixer", "hybrid"]
 )
 def test_inference_without_autograd_gives_the_logits_of_a_graphed_forward(
-    make, monkeypatch
+    make, fused, choices, monkeypatch
 ) -> None:
+    choices(fused=fused, sigmoid_forward=not fused, sigmoid_backward=not fused)
     model = randomized(make()).eval()
     x = images(model, batch=3)
     graphed = model(x)
@@ -225,4 +357,31 @@ def test_inference_without_autograd_gives_the_logits_of_a_graphed_forward(
     for no_graph in (torch.inference_mode, torch.no_grad):
         with no_graph():
             torch.testing.assert_close(model(x), graphed.detach(), rtol=1e-5, atol=1e-6)
-    assert calls and all(calls), "every MLP took the fused kernel"
+    if fused:
+        assert calls and all(calls), "every MLP took the fused kernel"
+    else:
+        assert not calls, "where it measured slower, no MLP takes the fused kernel"
+
+
+@pytest.mark.parametrize("wins", [True, False], ids=["sigmoid_won", "torch_won"])
+def test_a_compiled_graph_takes_the_sigmoid_form_where_it_won(wins, monkeypatch) -> None:
+    """While `torch.compile` traces, the tanh GELU is x·σ(2u) in plain ops where the
+    sigmoid form won here, for Inductor to fuse; `torch.export` keeps PyTorch's GELU."""
+    monkeypatch.setattr(fast, "_compiled_tanh_gelu_wins", lambda: wins)
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    mlp = randomized(Mlp(8, 16))
+    x = torch.randn(3, 8)
+    compiled = torch.compile(mlp, backend=recording_backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")))
+    (targets,) = graphs
+    assert any("sigmoid" in t for t in targets) == wins
+    assert any("gelu" in t for t in targets) == (not wins)
+    exported = torch.export.export(mlp, (x,))
+    assert any("gelu" in str(node.target) for node in exported.graph.nodes)
+    torch._dynamo.reset()
