@@ -1,4 +1,8 @@
-"""`src/bench.py` / `vitlab.bench.race`: the race runs end to end and writes its table; no timings asserted."""
+"""`src/bench.py` / `vitlab.bench.race`: the race runs end to end and writes its table; no timings asserted.
+
+The shared tiny run races the compiled contenders too: a real inductor compile on the CPU
+(seconds with inductor's cache warm, the better part of a minute cold).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,16 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from torch._dynamo.utils import counters
 
+import vitlab.bench.race
 from tests.conftest import compose_config
-from vitlab.bench.race import BenchSettings, bench
+from vitlab.bench.race import BenchSettings, Racer, _compiled_copy, bench
 from vitlab.bench.timm_models import timm_model
 from vitlab.bench.token_merging import bench_token_merging
 from vitlab.errors import ConfigError
 from vitlab.runs.build import build_backbone, build_classifier
+from vitlab.runs.validate import check_run
 
 TINY = (
     "model=vit_tiny",
@@ -35,18 +42,39 @@ TINY = (
 )
 
 
+EAGER_RATIOS = {
+    "ours/timm train (bare loops)",
+    "ours/timm infer",
+    "Lightning fit / bare loop (ours)",
+    "ours in Lightning fit / timm bare loop",
+}
+COMPILED_RATIOS = {"ours/timm train (compiled bare loops)", "ours/timm infer (compiled)"}
+COMPILED_LOOPS = ("bare_compiled", "infer_compiled")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One benchmark of a tiny ViT, shared by the tests that read its output."""
+    """One benchmark of a tiny ViT (compiled contenders included), shared by the tests that
+    read its output; also the graphs dynamo compiled while the rounds ran (none should)."""
     folder = tmp_path_factory.mktemp("bench")
-    ratios = bench(compose_config("bench", list(TINY), folder))
-    yield folder, ratios
+    graphs_in_rounds = []
+    real = vitlab.bench.race._race_in_one_fit
+
+    def race_counting_graphs(*args):
+        before = counters["stats"]["unique_graphs"]
+        real(*args)
+        graphs_in_rounds.append(counters["stats"]["unique_graphs"] - before)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vitlab.bench.race, "_race_in_one_fit", race_counting_graphs)
+        ratios = bench(compose_config("bench", list(TINY), folder))
+    yield folder, ratios, graphs_in_rounds
     HydraConfig.instance().cfg = None
     GlobalHydra.instance().clear()
 
 
 def test_bench_writes_a_markdown_table_of_every_contender(tiny_run):
-    folder, _ = tiny_run
+    folder, _, _ = tiny_run
     table = (folder / "bench.md").read_text()
     for row in (
         "| vitlab | Lightning fit |",
@@ -54,6 +82,10 @@ def test_bench_writes_a_markdown_table_of_every_contender(tiny_run):
         "| timm VisionTransformer | bare loop |",
         "| vitlab | inference |",
         "| timm VisionTransformer | inference |",
+        "| vitlab | bare loop, compiled |",
+        "| timm VisionTransformer | bare loop, compiled |",
+        "| vitlab | inference, compiled |",
+        "| timm VisionTransformer | inference, compiled |",
     ):
         assert row in table
     assert "Intel" in table or "cores" in table, "the machine is described"
@@ -61,9 +93,9 @@ def test_bench_writes_a_markdown_table_of_every_contender(tiny_run):
 
 
 def test_bench_json_holds_every_round_and_the_medians(tiny_run):
-    folder, _ = tiny_run
+    folder, _, _ = tiny_run
     report = json.loads((folder / "bench.json").read_text())
-    assert len(report["contenders"]) == 5
+    assert len(report["contenders"]) == 9, "the fit, then 4 eager and 4 compiled contenders"
     for contender in report["contenders"]:
         assert len(contender["samples"]) == 2
         assert contender["images_per_sec"] > 0
@@ -75,18 +107,82 @@ def test_bench_json_holds_every_round_and_the_medians(tiny_run):
 
 
 def test_bench_returns_the_ratios_ours_over_timm_and_fit_over_bare(tiny_run):
-    _, ratios = tiny_run
-    assert set(ratios) == {
-        "ours/timm train (bare loops)",
-        "ours/timm infer",
-        "Lightning fit / bare loop (ours)",
-        "ours in Lightning fit / timm bare loop",
-    }
+    _, ratios, _ = tiny_run
+    assert set(ratios) == EAGER_RATIOS | COMPILED_RATIOS
     assert all(value > 0 for value in ratios.values())
 
 
+def test_compiled_contenders_report_their_compile_time_apart(tiny_run):
+    folder, _, _ = tiny_run
+    report = json.loads((folder / "bench.json").read_text())
+    for contender in report["contenders"]:
+        compiled = contender["loop"] in COMPILED_LOOPS
+        assert contender["compiled"] is compiled
+        if compiled:
+            assert contender["compile_seconds"] > 0
+        else:
+            assert contender["compile_seconds"] is None
+    table = (folder / "bench.md").read_text()
+    compile_table = table.split("| model | loop | compile time (s) |")[1]
+    assert "| vitlab | bare loop, compiled |" in compile_table
+    assert "| timm VisionTransformer | inference, compiled |" in compile_table
+    assert "| vitlab | bare loop |" not in compile_table, "eager contenders have no compile time"
+
+
+def test_no_compile_happens_inside_the_timed_rounds(tiny_run):
+    _, _, graphs_in_rounds = tiny_run
+    assert graphs_in_rounds == [0], "a compile (or a recompile) ran inside the rounds"
+
+
+def test_compiled_contenders_count_the_flops_and_parameters_of_their_eager_twins(tiny_run):
+    folder, _, _ = tiny_run
+    report = json.loads((folder / "bench.json").read_text())
+    by_key = {(c["model"], c["loop"]): c for c in report["contenders"]}
+    for model in ("vitlab", "timm"):
+        for eager, compiled in (("bare", "bare_compiled"), ("infer", "infer_compiled")):
+            for key in ("flops_per_image", "params"):
+                assert by_key[model, compiled][key] == by_key[model, eager][key]
+            assert by_key[model, compiled]["peak_memory_bytes"] > 0
+
+
+def test_a_compiled_contender_is_a_copy_with_the_eager_weights(make_cfg):
+    ours = build_backbone(make_cfg(*TINY, config_name="bench").model)
+    twin = _compiled_copy(Racer("vitlab", "vitlab", ours, ours, False), ours)
+    assert twin.compiled and twin.loops == COMPILED_LOOPS
+    assert twin.model is not ours and twin.run_as is not twin.model
+    for (name, mine), (_, copied) in zip(
+        ours.state_dict().items(), twin.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, copied), name
+        assert mine.data_ptr() != copied.data_ptr(), f"{name} is shared, not copied"
+
+
+def test_compiled_false_races_the_five_contenders_of_before(make_cfg):
+    cfg = make_cfg(*TINY, "bench.compiled=false", config_name="bench")
+    ratios = bench(cfg)
+    folder = Path(cfg.paths.output_dir)
+    report = json.loads((folder / "bench.json").read_text())
+    loops = [(c["model"], c["loop"]) for c in report["contenders"]]
+    assert loops == [
+        ("vitlab", "fit"),
+        ("vitlab", "bare"),
+        ("timm", "bare"),
+        ("vitlab", "infer"),
+        ("timm", "infer"),
+    ]
+    assert all(not c["compiled"] and c["compile_seconds"] is None for c in report["contenders"])
+    assert set(ratios) == EAGER_RATIOS
+    assert "compile time" not in (folder / "bench.md").read_text()
+
+
+def test_a_non_bool_compiled_is_refused_naming_the_key(make_cfg):
+    cfg = make_cfg(*TINY, "bench.compiled=sometimes", config_name="bench")
+    with pytest.raises(ConfigError, match=r"bench.compiled='sometimes' .*expected true or false"):
+        check_run(cfg)
+
+
 def test_bare_loop_peak_memory_is_measured_for_both_models(tiny_run):
-    folder, _ = tiny_run
+    folder, _, _ = tiny_run
     report = json.loads((folder / "bench.json").read_text())
     memory = {(c["model"], c["loop"]): c["peak_memory_bytes"] for c in report["contenders"]}
     assert memory[("vitlab", "fit")] is None
@@ -125,8 +221,6 @@ def test_zero_rounds_are_refused_naming_the_key():
 
 def _recording_build_trainer(monkeypatch, limit_steps=None):
     """Patch `vitlab.bench.race.build_trainer` to keep the trainers it builds (optionally cut short)."""
-    import vitlab.bench.race
-
     trainers = []
     real = vitlab.bench.race.build_trainer
 
@@ -144,7 +238,12 @@ def _recording_build_trainer(monkeypatch, limit_steps=None):
 def test_one_fit_runs_the_whole_race_and_its_first_step_is_untimed(make_cfg, monkeypatch):
     trainers = _recording_build_trainer(monkeypatch)
     cfg = make_cfg(
-        *TINY, "bench.rounds=3", "bench.steps=2", "bench.timm=false", config_name="bench"
+        *TINY,
+        "bench.rounds=3",
+        "bench.steps=2",
+        "bench.timm=false",
+        "bench.compiled=false",
+        config_name="bench",
     )
     bench(cfg)
     report = json.loads((Path(cfg.paths.output_dir) / "bench.json").read_text())
@@ -157,7 +256,7 @@ def test_one_fit_runs_the_whole_race_and_its_first_step_is_untimed(make_cfg, mon
 
 def test_a_fit_that_stops_before_the_race_is_over_is_an_error(make_cfg, monkeypatch):
     _recording_build_trainer(monkeypatch, limit_steps=2)
-    cfg = make_cfg(*TINY, "bench.timm=false", config_name="bench")
+    cfg = make_cfg(*TINY, "bench.timm=false", "bench.compiled=false", config_name="bench")
     with pytest.raises(RuntimeError, match=r"the fit stopped after 2 steps"):
         bench(cfg)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +25,15 @@ from vitlab.training.flops import precision_dtype, synchronize
 
 # What a contender runs: Lightning's fit, the bare training loop, or inference.
 FIT, BARE, INFER = "fit", "bare", "infer"
-LOOP_NAMES = {FIT: "Lightning fit", BARE: "bare loop", INFER: "inference"}
+# The compiled contenders (`bench.compiled`): a compiled copy of a model in those two loops.
+BARE_COMPILED, INFER_COMPILED = "bare_compiled", "infer_compiled"
+LOOP_NAMES = {
+    FIT: "Lightning fit",
+    BARE: "bare loop",
+    INFER: "inference",
+    BARE_COMPILED: "bare loop, compiled",
+    INFER_COMPILED: "inference, compiled",
+}
 
 
 @dataclass
@@ -37,12 +45,16 @@ class Contender:
 
     Attributes:
         model: "vitlab" or "timm", whose model runs.
-        loop: FIT, BARE or INFER.
+        loop: FIT, BARE, INFER, or a compiled contender's BARE_COMPILED or INFER_COMPILED.
         description: the model as the table names it.
         run: `steps` -> images per second; None for the fit.
         flops_per_image: FLOPs of one step divided by the batch size.
         params: the model's parameter count.
         peak_memory: bytes, `vitlab.bench.machine.peak_step_memory`; None if not measured.
+        compiled: whether the model runs compiled (a compiled contender, or any with `compile` on).
+        compile_seconds: wall seconds of a compiled contender's untimed first call, its
+            compile; None for an eager one, and for the fit (its first step is untimed
+            inside the fit).
         samples: images per second, one per measured round.
     """
 
@@ -53,6 +65,8 @@ class Contender:
     flops_per_image: float
     params: int
     peak_memory: float | None = None
+    compiled: bool = False
+    compile_seconds: float | None = None
     samples: list[float] = field(default_factory=list)
 
     @property
@@ -74,6 +88,16 @@ def images_per_second(
         step()
     synchronize(device)
     return steps * images / (time.perf_counter() - start)
+
+
+def seconds_of_one_call(step: Callable[[], None], device: torch.device) -> float:
+    """Wall seconds of one call of `step`, the device synchronized: a compiled model's first
+    call, which compiles it, is measured with this, apart from the timed rounds."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
@@ -172,19 +196,30 @@ class InferenceLoop:
         with torch.inference_mode(), self.autocast:
             self.model(self.images)
 
-    def run(self, steps: int) -> float:
-        """Images per second over `steps` forward passes."""
+    @contextmanager
+    def _in_eval_mode(self) -> Iterator[None]:
         self.model.eval()
         try:
-            return images_per_second(self.step, steps, self.images.shape[0], self.device)
+            yield
         finally:
             self.model.train()
 
+    def run(self, steps: int) -> float:
+        """Images per second over `steps` forward passes."""
+        with self._in_eval_mode():
+            return images_per_second(self.step, steps, self.images.shape[0], self.device)
+
+    def first_pass(self) -> float:
+        """Seconds of one untimed pass: the warm-up, and a compiled model's inference compile."""
+        with self._in_eval_mode():
+            return seconds_of_one_call(self.step, self.device)
+
+    def measure_memory(self) -> float | None:
+        """`peak_step_memory` of one pass (None where not measurable); after `first_pass`."""
+        with self._in_eval_mode():
+            return peak_step_memory(self.step, self.device)
+
     def warm_up_and_measure_memory(self) -> float | None:
         """One untimed pass, then `peak_step_memory` of the next (None where not measurable)."""
-        self.model.eval()
-        try:
-            self.step()
-            return peak_step_memory(self.step, self.device)
-        finally:
-            self.model.train()
+        self.first_pass()
+        return self.measure_memory()

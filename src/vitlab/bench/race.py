@@ -14,6 +14,14 @@ The contenders run in one process, on one device, on the same synthetic data:
   (`vitlab.bench.timm_models`) in that same loop. Against ours, this is the model code.
 - inference of both models: eval mode, `torch.inference_mode`, one batch already
   on the device.
+- compiled contenders (`bench.compiled`, when the run's `compile` is off): a copy of
+  each model, made before any training step, under `torch.compile` with inductor's
+  defaults, in the bare loop (its own optimizer) and in inference. With `compile` on,
+  the contenders above are the compiled ones and none is added.
+
+A compiled contender's untimed first call (a bare loop's first step, which compiles
+forward and backward; inference's first pass) is its compile time, reported apart
+from img/s: no timed round holds a compile.
 
 After `warmup_rounds` discarded rounds, the contenders take turns for `rounds`
 rounds, in an order reversed every round (A B C, C B A, ...), so a machine that
@@ -26,7 +34,8 @@ median of the per-round ratios, which pairs measurements taken moments apart. On
 machine shared with other work, time stolen by others only ever slows a round down,
 so the best round of each contender, and the ratio of the bests, are also reported.
 
-FLOPs per image are counted on the meta device (`vitlab.training.flops.count_flops`), the
+FLOPs per image are counted on the meta device (`vitlab.training.flops.count_flops`; a
+compiled contender's on its eager model), the
 peak FLOP/s measured with a large matmul in the run's dtype; MFU = img/s x FLOPs per
 image / peak. Peak memory is one step's highest allocation above what was allocated
 when the step began (`vitlab.bench.machine.peak_step_memory`). The report goes to
@@ -37,6 +46,7 @@ This module holds the race; the loops the contenders run are in `vitlab.bench.lo
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Generator, Sequence
@@ -52,14 +62,17 @@ from torch import nn
 
 from vitlab.bench.loops import (
     BARE,
+    BARE_COMPILED,
     FIT,
     INFER,
+    INFER_COMPILED,
     LOOP_NAMES,
     BareLoop,
     Contender,
     InferenceLoop,
     images_per_second,
     input_dtype_for,
+    seconds_of_one_call,
 )
 from vitlab.bench.machine import bench_device, describe_machine, load_average, peak_step_memory
 from vitlab.bench.report import bench_report, write_report
@@ -97,6 +110,8 @@ class BenchSettings:
         rounds: measured rounds; every contender runs once per round, in turn.
         steps: timed steps per contender and round (a fit runs one more, untimed).
         timm: race timm's model with the same architecture too.
+        compiled: with the run's `compile` off, also race a `torch.compile`d copy of each
+            model in the bare loop and in inference (the compiled contenders).
         peak_matmul_size: side of the square matmul that measures the peak FLOP/s;
             None for `vitlab.training.flops.PEAK_MATMUL_SIZE` of the device.
         token_merging: the ToMe r that `task=token_merging` measures, one contender each.
@@ -107,6 +122,7 @@ class BenchSettings:
     rounds: Count = 3
     steps: Count = 3
     timm: bool = True
+    compiled: bool = True
     peak_matmul_size: Count | None = None
     token_merging: Sequence[NonNegativeInt] = (0, 4, 8, 16)
 
@@ -164,6 +180,28 @@ class Workload:
         return self.images.shape[0]
 
 
+@dataclass(frozen=True)
+class Racer:
+    """A model as the bare loop and inference race it.
+
+    Attributes:
+        source: "vitlab" or "timm", whose model it is.
+        description: the model as the table names it.
+        model: the module: the optimizer trains its parameters, its FLOPs are counted on it.
+        run_as: what the loops call: `model` itself, or a `torch.compile` of it.
+        compiled: whether `run_as` runs compiled (`compile` on, or a compiled contender).
+        loops: its bare loop's and inference's names, (BARE, INFER) or a compiled
+            contender's (BARE_COMPILED, INFER_COMPILED).
+    """
+
+    source: str
+    description: str
+    model: nn.Module
+    run_as: nn.Module
+    compiled: bool
+    loops: tuple[str, str] = (BARE, INFER)
+
+
 def bench(cfg: DictConfig) -> dict[str, float]:
     """Measure the contenders (module docstring), write `bench.md` and `bench.json` into the
     run folder, print the table, and return the ratios."""
@@ -178,10 +216,14 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     classifier = build_classifier(cfg).to(device)
     fit_data = instantiate(cfg.data, "data")
     workload = _workload(cfg, device, precision)
-    models = {"vitlab": (classifier.backbone, "vitlab")}
+    ours = classifier.backbone
+    compiled = compile_options(cfg.get("compile")) is not None
+    racers = [Racer("vitlab", "vitlab", ours, ours, compiled)]
     if timm is not None:
-        models["timm"] = _ready_to_race(*timm, classifier.backbone, device, cfg.get("compile"))
-    contenders = _contenders(cfg, models, workload)
+        racers.append(_ready_to_race(*timm, ours, device, cfg.get("compile")))
+    if settings.compiled and not compiled:
+        racers += [_compiled_copy(racer, ours) for racer in racers]
+    contenders = _contenders(cfg, racers, workload)
 
     machine = describe_machine(device)
     race = Race(contenders, settings, device, dtype)
@@ -217,52 +259,67 @@ def param_count(model: nn.Module) -> int:
 
 def _ready_to_race(
     model: nn.Module, description: str, ours: nn.Module, device: torch.device, compile_value: Any
-) -> tuple[nn.Module, str]:
-    """timm's model on the device, compiled as ours is; a parameter count other than ours
-    means another architecture, and the race would not be fair."""
+) -> Racer:
+    """timm's model on the device, compiled as ours is, its parameters counted against ours."""
     model.to(device)
     options = compile_options(compile_value)
     if options is not None:
         model.compile(**options)
+    _check_same_architecture(model, description, ours)
+    return Racer("timm", description, model, model, options is not None)
+
+
+def _compiled_copy(racer: Racer, ours: nn.Module) -> Racer:
+    """A compiled contender: a copy of `racer`'s eager model, made before any training step so
+    that both start from the same weights, under `torch.compile` with inductor's defaults
+    (`compile` is off, so it names no options). It compiles on its first call."""
+    model = copy.deepcopy(racer.model)
+    compiled = torch.compile(model)
+    _check_same_architecture(compiled, racer.description, ours)
+    return Racer(
+        racer.source, racer.description, model, compiled, True, (BARE_COMPILED, INFER_COMPILED)
+    )
+
+
+def _check_same_architecture(model: nn.Module, description: str, ours: nn.Module) -> None:
+    """A parameter count other than ours means another architecture: the race would not be fair."""
     if param_count(model) != param_count(ours):
         raise RuntimeError(
             f"{description} has {param_count(model)} parameters, vitlab's model "
             f"{param_count(ours)}: not the same architecture, so no fair race"
         )
-    return model, description
 
 
-def _contenders(
-    cfg: DictConfig, models: dict[str, tuple[nn.Module, str]], workload: Workload
-) -> list[Contender]:
-    """Ours in the fit, then each model (ours, timm's) in the bare loop, then in inference.
+def _contenders(cfg: DictConfig, racers: list[Racer], workload: Workload) -> list[Contender]:
+    """Ours in the fit, then each racer (ours, timm's, their compiled copies) in the bare
+    loop, then in inference.
 
-    Each bare loop and inference runs once here, untimed, and once more to measure
-    its peak memory.
+    Each bare loop and inference runs once here, untimed (a compiled racer's compile),
+    and once more to measure its peak memory.
     """
-    backbone, _ = models["vitlab"]
+    ours = racers[0]
     fit = Contender(
         "vitlab",
         FIT,
         "vitlab",
         None,  # runs inside the one fit: `_race_in_one_fit`
-        count_flops(backbone, workload.input_shape, train=True) / workload.batch_size,
-        param_count(backbone),
+        count_flops(ours.model, workload.input_shape, train=True) / workload.batch_size,
+        param_count(ours.model),
+        compiled=ours.compiled,
     )
-    bare = [_bare_loop_contender(cfg, source, *model, workload) for source, model in models.items()]
-    infer = [_inference_contender(source, *model, workload) for source, model in models.items()]
+    bare = [_bare_loop_contender(cfg, racer, workload) for racer in racers]
+    infer = [_inference_contender(racer, workload) for racer in racers]
     return [fit, *bare, *infer]
 
 
-def _bare_loop_contender(
-    cfg: DictConfig, source: str, model: nn.Module, description: str, workload: Workload
-) -> Contender:
-    """`model` in a `BareLoop` with the configured optimizer and gradient clipping."""
+def _bare_loop_contender(cfg: DictConfig, racer: Racer, workload: Workload) -> Contender:
+    """`racer` in a `BareLoop` with the configured optimizer and gradient clipping."""
+    model = racer.model
     if workload.precision.endswith("-true"):
         model.to(input_dtype_for(workload.precision))
     factory, layer_decay = build_optimizer_factory(cfg.optimizer)
     loop = BareLoop(
-        model,
+        racer.run_as,
         build_optimizer(factory, model, layer_decay),
         workload.data.train_dataloader(),
         workload.device,
@@ -270,32 +327,36 @@ def _bare_loop_contender(
         cfg.trainer.get("gradient_clip_val"),
         cfg.trainer.get("gradient_clip_algorithm") or "norm",
     )
-    loop.step()  # the optimizer's state is created on its first step, not measured
+    # Untimed: the optimizer's state is created on the first step, and a compiled model
+    # compiles forward and backward there.
+    first_step = seconds_of_one_call(loop.step, workload.device)
     return Contender(
-        source,
-        BARE,
-        description,
+        racer.source,
+        racer.loops[0],
+        racer.description,
         partial(images_per_second, loop.step, images=workload.batch_size, device=workload.device),
         count_flops(model, workload.input_shape, train=True) / workload.batch_size,
         param_count(model),
         peak_step_memory(loop.step, workload.device),
+        compiled=racer.compiled,
+        compile_seconds=first_step if racer.compiled else None,
     )
 
 
-def _inference_contender(
-    source: str, model: nn.Module, description: str, workload: Workload
-) -> Contender:
-    """`model` in an `InferenceLoop` on the workload's first batch."""
-    loop = InferenceLoop(model, workload.images, workload.device, workload.precision)
-    memory = loop.warm_up_and_measure_memory()
+def _inference_contender(racer: Racer, workload: Workload) -> Contender:
+    """`racer` in an `InferenceLoop` on the workload's first batch."""
+    loop = InferenceLoop(racer.run_as, workload.images, workload.device, workload.precision)
+    first_pass = loop.first_pass()
     return Contender(
-        source,
-        INFER,
-        description,
+        racer.source,
+        racer.loops[1],
+        racer.description,
         loop.run,
-        count_flops(model, workload.input_shape, train=False) / workload.batch_size,
-        param_count(model),
-        memory,
+        count_flops(racer.model, workload.input_shape, train=False) / workload.batch_size,
+        param_count(racer.model),
+        loop.measure_memory(),
+        compiled=racer.compiled,
+        compile_seconds=first_pass if racer.compiled else None,
     )
 
 

@@ -3,7 +3,8 @@
 A ratio is taken per round and then summarised (median, min, max): two contenders
 measured moments apart share the machine's state, so their ratio is steadier than
 the ratio of two medians. The ratio of the best rounds is reported too, since time
-taken by other processes only ever slows a round down.
+taken by other processes only ever slows a round down. Compile times have a table
+of their own: they are never part of img/s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vitlab.bench.loops import BARE, FIT, INFER, LOOP_NAMES, Contender
+from vitlab.bench.loops import (
+    BARE,
+    BARE_COMPILED,
+    FIT,
+    INFER,
+    INFER_COMPILED,
+    LOOP_NAMES,
+    Contender,
+)
 from vitlab.runs.multirun import config_choice
 
 # Each ratio: (model, loop) over (model, loop).
@@ -24,6 +33,8 @@ RATIOS = {
     "ours/timm infer": (("vitlab", INFER), ("timm", INFER)),
     "Lightning fit / bare loop (ours)": (("vitlab", FIT), ("vitlab", BARE)),
     "ours in Lightning fit / timm bare loop": (("vitlab", FIT), ("timm", BARE)),
+    "ours/timm train (compiled bare loops)": (("vitlab", BARE_COMPILED), ("timm", BARE_COMPILED)),
+    "ours/timm infer (compiled)": (("vitlab", INFER_COMPILED), ("timm", INFER_COMPILED)),
 }
 
 
@@ -87,6 +98,8 @@ def _contender_summary(contender: Contender, peak_flops: float) -> dict[str, Any
         "mfu": c.median * c.flops_per_image / peak_flops,
         "peak_memory_bytes": c.peak_memory,
         "params": c.params,
+        "compiled": c.compiled,
+        "compile_seconds": c.compile_seconds,
     }
 
 
@@ -105,8 +118,12 @@ def write_report(report: dict[str, Any], output_dir: Path) -> str:
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    """The benchmark's Markdown: what ran where, one row per contender, then the ratios."""
+    """The benchmark's Markdown: what ran where, one row per contender, the compile times
+    of the compiled ones, then the ratios."""
     lines = [*_header_lines(report), "", *_contender_table(report["contenders"])]
+    compiled = [c for c in report["contenders"] if c["compile_seconds"] is not None]
+    if compiled:
+        lines += ["", *_compile_time_table(compiled)]
     if report["ratios"]:
         lines += ["", *_ratio_table(report["ratios"])]
     return "\n".join(lines) + "\n"
@@ -159,6 +176,23 @@ def _contender_table(contenders: list[dict[str, Any]]) -> list[str]:
             f"| {_with_si_prefix(c['achieved_flops'], 'FLOP/s')} "
             f"| {c['mfu']:.1%} | {'—' if memory is None else f'{memory / 2**20:.0f} MiB'} "
             f"| {c['params'] / 1e6:.2f} M |"
+        )
+    return lines
+
+
+def _compile_time_table(contenders: list[dict[str, Any]]) -> list[str]:
+    """One row per compiled contender: the wall time of its untimed first call, its compile."""
+    lines = [
+        "Compile time: a compiled contender's untimed first call (a bare loop's first step, "
+        "which compiles forward and backward; inference's first pass). No img/s above "
+        "includes it.",
+        "",
+        "| model | loop | compile time (s) |",
+        "| --- | --- | ---: |",
+    ]
+    for c in contenders:
+        lines.append(
+            f"| {c['description']} | {LOOP_NAMES[c['loop']]} | {c['compile_seconds']:.1f} |"
         )
     return lines
 
