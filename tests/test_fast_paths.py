@@ -295,6 +295,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
         assert fast._fused_wins(nn.Linear(8, 16), "tanh") in (True, False)
         mixer_mlp = Mlp(9, 12)
         assert fast._fused_token_mixing_wins(mixer_mlp, torch.randn(2, 9, 5)) in (True, False)
+        assert fast.choose_compiled_gelu() in (True, False), "two small compiles, timed"
         import json
 
         cached = json.loads((tmp_path / "kernels.json").read_text())
@@ -303,6 +304,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
             "tanh_gelu_backward/cpu/float32",
             "linear_gelu_tanh/8x16/cpu/float32",
             "token_mixing_gelu_tanh/9x12x5/cpu/float32",
+            "tanh_gelu_compiled/cpu/float32",
         }
     finally:
         kernel_choice.forget()
@@ -361,6 +363,41 @@ def test_inference_without_autograd_gives_the_logits_of_a_graphed_forward(
         assert calls and all(calls), "every MLP took the fused kernel"
     else:
         assert not calls, "where it measured slower, no MLP takes the fused kernel"
+
+
+@pytest.mark.parametrize(
+    ("compiled", "eager", "formula"),
+    [
+        ("sigmoid", False, True),
+        ("torch", True, False),
+        (None, True, True),
+        (None, False, False),
+    ],
+)
+def test_the_compiled_form_follows_the_compiled_measurement_else_the_eager_one(
+    compiled, eager, formula, choices, monkeypatch
+) -> None:
+    """The graph's GELU follows the timing of the compiled loops made before the compile;
+    where none was made (a model compiled by other code), the eager forward's."""
+    choices(sigmoid_forward=eager)
+    asked = []
+    monkeypatch.setattr(fast, "chosen", lambda kernel: asked.append(kernel) or compiled)
+    assert fast._compiled_tanh_gelu_wins() is formula
+    assert asked == [fast.COMPILED_GELU]
+
+
+def test_vitlabs_compiles_time_the_compiled_gelu_first(make_cfg, monkeypatch) -> None:
+    """`compile=true` measures the compiled loops before the model's graph is traced."""
+    from vitlab.runs.build import build_classifier
+
+    events = []
+    monkeypatch.setattr(fast, "choose_compiled_gelu", lambda: events.append("measured"))
+    real_compile = nn.Module.compile
+    monkeypatch.setattr(
+        nn.Module, "compile", lambda self, **kw: events.append("compiled") or real_compile(self)
+    )
+    build_classifier(make_cfg("compile=true", "model=vit_tiny"), with_optimizer=False)
+    assert events == ["measured", "compiled"]
 
 
 @pytest.mark.parametrize("wins", [True, False], ids=["sigmoid_won", "torch_won"])

@@ -64,6 +64,19 @@ def test_the_faster_candidate_is_chosen_and_cached_per_machine_and_kernel(cache_
     assert clock.builds == 1
 
 
+def test_chosen_reads_a_choice_without_ever_measuring(cache_file):
+    """What code that cannot time anything (a graph being traced) asks: the choice made so
+    far in this process or the file, else None."""
+    clock = FakeClock()
+    assert kernel_choice.chosen("k") is None
+    assert not cache_file.exists(), "asking measured nothing and wrote nothing"
+    choose("k", clock.candidates(plain=2.0, fused=1.0), "plain", timer=clock)
+    assert kernel_choice.chosen("k") == "fused"
+    kernel_choice.forget()
+    assert kernel_choice.chosen("k") == "fused", "read back from the file"
+    assert kernel_choice.chosen("other") is None
+
+
 def test_the_plain_formulation_stays_unless_the_other_wins_by_the_margin():
     clock = FakeClock()
     slightly = 2.0 * (1 - MARGIN / 2)

@@ -42,6 +42,7 @@ from vitlab.bench.report import bench_report, markdown_report
 from vitlab.bench.timm_models import timm_model
 from vitlab.deploy.export import onnx_runner, write_onnx
 from vitlab.deploy.quantize import quantize_onnx, quantize_torch
+from vitlab.models import fast
 from vitlab.runs.build import build_backbone
 from vitlab.runs.tasks import prepare_run
 from vitlab.runs.validate import check_run
@@ -142,6 +143,7 @@ def _step(model: nn.Module, runtime: str, stem: Path, images: torch.Tensor) -> S
     if runtime == "int8":
         return _inference(quantize_torch(model))
     if runtime == "compile":
+        fast.choose_compiled_gelu()
         return _inference(torch.compile(model, dynamic=False))
     onnx_file = stem.with_suffix(".onnx")
     if not onnx_file.exists():  # one file per model serves every batch size

@@ -79,6 +79,7 @@ from vitlab.bench.report import bench_report, write_report
 from vitlab.bench.timm_models import timm_model
 from vitlab.bounds import Count, NonNegativeInt
 from vitlab.errors import ConfigError
+from vitlab.models import fast
 from vitlab.runs.build import (
     build_classifier,
     build_optimizer_factory,
@@ -264,6 +265,7 @@ def _ready_to_race(
     model.to(device)
     options = compile_options(compile_value)
     if options is not None:
+        fast.choose_compiled_gelu()
         model.compile(**options)
     _check_same_architecture(model, description, ours)
     return Racer("timm", description, model, model, options is not None)
@@ -274,6 +276,7 @@ def _compiled_copy(racer: Racer, ours: nn.Module) -> Racer:
     that both start from the same weights, under `torch.compile` with inductor's defaults
     (`compile` is off, so it names no options). It compiles on its first call."""
     model = copy.deepcopy(racer.model)
+    fast.choose_compiled_gelu()
     compiled = torch.compile(model)
     _check_same_architecture(compiled, racer.description, ours)
     return Racer(

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from vitlab.models.kernel_choice import choose
+from vitlab.models.kernel_choice import choose, chosen
 
 if TYPE_CHECKING:
     from vitlab.models.layers import Attention, Block, GeluApproximate, Mlp, Rotate
@@ -208,19 +208,54 @@ def _traced_for_a_cpu(x: torch.Tensor) -> bool:
     )
 
 
+# The choice of the form a CPU float32 graph's tanh GELU takes under `torch.compile`.
+COMPILED_GELU = "tanh_gelu_compiled/cpu/float32"
+
+
+def choose_compiled_gelu() -> bool:
+    """Time Inductor's loops for PyTorch's tanh GELU and for `tanh_gelu_formula`, forward
+    and backward, and keep the faster for the graphs traced afterwards; True: the formula.
+
+    The loops cannot be compiled while a model's graph is being traced, so vitlab calls
+    this before it compiles a model (`train.py`'s `compile`, the benchmark's compiled
+    contenders). It measures once per machine (cached), compiling two small functions.
+    """
+    with torch.autocast("cpu", enabled=False):
+        return choose(COMPILED_GELU, _compiled_gelu_candidates, "torch") == "sigmoid"
+
+
+def _compiled_gelu_candidates() -> dict[str, Callable[[], object]]:
+    x, grad = _sample((1 << 22,)).requires_grad_(), _sample((1 << 22,), seed=1)
+
+    def forward_and_backward(gelu: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        compiled = torch.compile(gelu, dynamic=False)
+
+        def run() -> None:
+            with torch.enable_grad():
+                compiled(x).backward(grad)
+            x.grad = None
+
+        return run
+
+    return {
+        "torch": forward_and_backward(partial(F.gelu, approximate="tanh")),
+        "sigmoid": forward_and_backward(tanh_gelu_formula),
+    }
+
+
 @torch.compiler.assume_constant_result
 def _compiled_tanh_gelu_wins() -> bool:
-    """Whether the traced graph takes `tanh_gelu_formula`: where the eager sigmoid form
-    beat PyTorch's tanh kernel on this machine (`_tanh_gelu_wins`).
+    """Whether the traced graph takes `tanh_gelu_formula`: where its compiled loop beat
+    Inductor's own GELU loop here (`choose_compiled_gelu`, measured before the compile).
 
-    The compiled loops are not timed themselves: a compile cannot start while another
-    traces, and this runs while the model's graph is traced (the compiler calls it and
-    keeps its answer as a constant of the graph). The eager measurement decides it a
-    fortiori: the eager sigmoid form makes four passes over memory where the tanh kernel
-    makes one, so where it still wins, tanh's arithmetic costs more than exp's, and the
-    fused loop of each makes one pass.
+    Where nothing measured the compiled loops (a model compiled by other code than
+    vitlab's), the eager measurement decides, and only one way: the eager sigmoid form
+    makes four passes over memory where the tanh kernel makes one, so where it still
+    wins, tanh's arithmetic costs more than exp's, and the fused loop of each makes one
+    pass. The compiler calls this while tracing and keeps its answer as a constant.
     """
-    return _tanh_gelu_wins("forward")
+    choice = chosen(COMPILED_GELU)
+    return choice == "sigmoid" if choice is not None else _tanh_gelu_wins("forward")
 
 
 def _tanh_gelu_wins(direction: str) -> bool:

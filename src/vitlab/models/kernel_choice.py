@@ -103,6 +103,18 @@ def choose(
     return choice
 
 
+def chosen(kernel: str) -> str | None:
+    """The choice already made for `kernel` on this machine (in this process or the cache
+    file), or None: never measures, for callers that cannot time anything right now."""
+    memo = (machine_key(), kernel)
+    if memo not in _CHOICES:
+        choice = _read(cache_path()).get(memo[0], {}).get(kernel, {}).get("choice")
+        if not isinstance(choice, str):
+            return None
+        _CHOICES[memo] = choice
+    return _CHOICES[memo]
+
+
 def measure(
     candidates: Mapping[str, Callable[[], object]], timer: Callable[[], float] = time.perf_counter
 ) -> dict[str, float]:

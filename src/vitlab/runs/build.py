@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vitlab.errors import ConfigError, VitlabError
+from vitlab.models import fast
 from vitlab.models.checkpoints import load_pretrained
 from vitlab.runs.multirun import is_multirun, job_overrides, sweep_id
 from vitlab.runs.resume import wandb_run_id
@@ -94,6 +95,7 @@ def build_classifier(
     backbone = build_backbone(cfg.model)
     options = compile_options(cfg.get("compile"))
     if options is not None:
+        fast.choose_compiled_gelu()  # before tracing: its loops cannot compile during it
         backbone.compile(**options)  # in place: state-dict keys stay those of the model
     optimizer, layer_decay = (
         build_optimizer_factory(cfg.optimizer) if with_optimizer else (None, None)
