@@ -227,8 +227,8 @@ def choose_compiled_gelu() -> bool:
 def _compiled_gelu_candidates() -> dict[str, Callable[[], object]]:
     x, grad = _sample((1 << 22,)).requires_grad_(), _sample((1 << 22,), seed=1)
 
-    def forward_and_backward(gelu: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-        compiled = torch.compile(gelu, dynamic=False)
+    def forward_and_backward(form: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        compiled = torch.compile(form, dynamic=False)
 
         def run() -> None:
             with torch.enable_grad():

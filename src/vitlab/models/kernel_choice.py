@@ -83,15 +83,12 @@ def choose(
     plain formulation, kept unless another's median time is `MARGIN` below its own.
     Choices are remembered in the process and in the cache file.
     """
-    memo = (machine_key(), kernel)
-    if memo in _CHOICES:
-        return _CHOICES[memo]
-    path = cache_path()
-    choice = _read(path).get(memo[0], {}).get(kernel, {}).get("choice")
-    if not isinstance(choice, str):
+    choice = chosen(kernel)
+    if choice is None:
         seconds = measure(candidates(), timer)
         choice = fastest(seconds, reference)
-        _write(path, memo[0], kernel, {"choice": choice, "seconds": seconds})
+        path = cache_path()
+        _write(path, machine_key(), kernel, {"choice": choice, "seconds": seconds})
         log.info(
             "kernel %s: %s (%s), cached in %s",
             kernel,
@@ -99,7 +96,7 @@ def choose(
             ", ".join(f"{name} {1e3 * s:.2f} ms" for name, s in seconds.items()),
             path,
         )
-    _CHOICES[memo] = choice
+        _CHOICES[(machine_key(), kernel)] = choice
     return choice
 
 
