@@ -7,10 +7,12 @@ The shared tiny run races the compiled contenders too: a real inductor compile o
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from torch._dynamo.utils import counters
@@ -173,6 +175,24 @@ def test_compiled_false_races_the_five_contenders_of_before(make_cfg):
     assert all(not c["compiled"] and c["compile_seconds"] is None for c in report["contenders"])
     assert set(ratios) == EAGER_RATIOS
     assert "compile time" not in (folder / "bench.md").read_text()
+
+
+def test_without_a_cpp_compiler_the_compiled_contenders_are_left_out_saying_why(make_cfg, caplog):
+    """`bench.compiled` is on by default: a machine without what Inductor builds CPU code
+    with still gets its eager race, and the table says what is missing."""
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": (None, "/no/such/c++")})
+    cfg = make_cfg(*TINY, config_name="bench")
+    with no_compiler, caplog.at_level(logging.WARNING, logger="vitlab.bench.race"):
+        ratios = bench(cfg)
+    folder = Path(cfg.paths.output_dir)
+    report = json.loads((folder / "bench.json").read_text())
+    assert not any(c["compiled"] for c in report["contenders"])
+    assert set(ratios) == EAGER_RATIOS
+    assert (
+        "- Compiled contenders left out: torch.compile's inductor backend builds CPU code"
+        in (folder / "bench.md").read_text()
+    )
+    assert "The compiled contenders are left out" in caplog.text
 
 
 def test_a_non_bool_compiled_is_refused_naming_the_key(make_cfg):

@@ -391,13 +391,30 @@ def test_vitlabs_compiles_time_the_compiled_gelu_first(make_cfg, monkeypatch) ->
     from vitlab.runs.build import build_classifier
 
     events = []
-    monkeypatch.setattr(fast, "choose_compiled_gelu", lambda: events.append("measured"))
+    monkeypatch.setattr(
+        fast, "choose_compiled_gelu", lambda options=None: events.append(("measured", options))
+    )
     real_compile = nn.Module.compile
     monkeypatch.setattr(
         nn.Module, "compile", lambda self, **kw: events.append("compiled") or real_compile(self)
     )
     build_classifier(make_cfg("compile=true", "model=vit_tiny"), with_optimizer=False)
-    assert events == ["measured", "compiled"]
+    assert events == [("measured", {}), "compiled"]
+
+
+@pytest.mark.parametrize(
+    ("options", "compiler"),
+    [({"backend": "aot_eager"}, "g++"), ({}, None), ({"mode": "max-autotune"}, None)],
+)
+def test_the_compiled_gelu_is_not_timed_where_inductor_will_not_build_it(
+    options, compiler, monkeypatch
+) -> None:
+    """Another backend, or no C++ compiler for Inductor: nothing to compile and time, and
+    the graph follows the eager rule, which is what the call answers."""
+    monkeypatch.setattr(fast, "cpu_compiler", lambda: compiler)
+    monkeypatch.setattr(fast, "choose", lambda *args: pytest.fail("measured"))
+    monkeypatch.setattr(fast, "_compiled_tanh_gelu_wins", lambda: "the eager rule")
+    assert fast.choose_compiled_gelu(options) == "the eager rule"
 
 
 @pytest.mark.parametrize("wins", [True, False], ids=["sigmoid_won", "torch_won"])

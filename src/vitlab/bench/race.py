@@ -80,6 +80,7 @@ from vitlab.bench.timm_models import timm_model
 from vitlab.bounds import Count, NonNegativeInt
 from vitlab.errors import ConfigError
 from vitlab.models import fast
+from vitlab.models.inductor import cpu_compile_problem
 from vitlab.runs.build import (
     build_classifier,
     build_optimizer_factory,
@@ -222,7 +223,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     racers = [Racer("vitlab", "vitlab", ours, ours, compiled)]
     if timm is not None:
         racers.append(_ready_to_race(*timm, ours, device, cfg.get("compile")))
-    if settings.compiled and not compiled:
+    left_out = _compile_problem(device) if settings.compiled and not compiled else None
+    if settings.compiled and not compiled and left_out is None:
         racers += [_compiled_copy(racer, ours) for racer in racers]
     contenders = _contenders(cfg, racers, workload)
 
@@ -234,6 +236,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     report = bench_report(
         cfg, asdict(settings), workload.input_shape, machine, max(race.peak_flops), contenders
     )
+    report["compiled_left_out"] = left_out
     print(write_report(report, Path(cfg.paths.output_dir)))
     return {name: value["median"] for name, value in report["ratios"].items()}
 
@@ -265,10 +268,24 @@ def _ready_to_race(
     model.to(device)
     options = compile_options(compile_value)
     if options is not None:
-        fast.choose_compiled_gelu()
+        fast.choose_compiled_gelu(options)
         model.compile(**options)
     _check_same_architecture(model, description, ours)
     return Racer("timm", description, model, model, options is not None)
+
+
+def _compile_problem(device: torch.device) -> str | None:
+    """Why inductor's defaults cannot compile on `device` here, also logged as a warning;
+    None if they can. The compiled contenders are then left out rather than failing the
+    race (`vitlab.models.inductor`)."""
+    problem = cpu_compile_problem({}) if device.type == "cpu" else None
+    if problem is not None:
+        log.warning(
+            "bench.compiled: %s. The compiled contenders are left out "
+            "(bench.compiled=false leaves them out without this warning).",
+            problem,
+        )
+    return problem
 
 
 def _compiled_copy(racer: Racer, ours: nn.Module) -> Racer:

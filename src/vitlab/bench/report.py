@@ -157,7 +157,11 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         "(min–max in brackets); other processes only slow a round down, so the best round "
         "and the ratio of bests are the least disturbed.",
         f"- Peak memory: one step's highest allocation above its start ({memory_note}).",
-    ]
+    ] + (
+        [f"- Compiled contenders left out: {report['compiled_left_out']}."]
+        if report.get("compiled_left_out")
+        else []
+    )
 
 
 def _contender_table(contenders: list[dict[str, Any]]) -> list[str]:

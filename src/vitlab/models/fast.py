@@ -22,15 +22,16 @@ formulation runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from vitlab.models.inductor import cpu_compiler, uses_inductor
 from vitlab.models.kernel_choice import choose, chosen
 
 if TYPE_CHECKING:
@@ -212,14 +213,18 @@ def _traced_for_a_cpu(x: torch.Tensor) -> bool:
 COMPILED_GELU = "tanh_gelu_compiled/cpu/float32"
 
 
-def choose_compiled_gelu() -> bool:
+def choose_compiled_gelu(options: Mapping[str, Any] | None = None) -> bool:
     """Time Inductor's loops for PyTorch's tanh GELU and for `tanh_gelu_formula`, forward
     and backward, and keep the faster for the graphs traced afterwards; True: the formula.
 
     The loops cannot be compiled while a model's graph is being traced, so vitlab calls
     this before it compiles a model (`train.py`'s `compile`, the benchmark's compiled
-    contenders). It measures once per machine (cached), compiling two small functions.
+    contenders) with the `torch.compile` keywords it will use. It measures once per
+    machine (cached), compiling two small functions; nothing where the compile will not
+    use Inductor, or Inductor finds no C++ compiler (the eager rule then decides).
     """
+    if not uses_inductor(options or {}) or cpu_compiler() is None:
+        return _compiled_tanh_gelu_wins()
     with torch.autocast("cpu", enabled=False):
         return choose(COMPILED_GELU, _compiled_gelu_candidates, "torch") == "sigmoid"
 

@@ -95,7 +95,7 @@ def build_classifier(
     backbone = build_backbone(cfg.model)
     options = compile_options(cfg.get("compile"))
     if options is not None:
-        fast.choose_compiled_gelu()  # before tracing: its loops cannot compile during it
+        fast.choose_compiled_gelu(options)  # before tracing: its loops cannot compile during it
         backbone.compile(**options)  # in place: state-dict keys stay those of the model
     optimizer, layer_decay = (
         build_optimizer_factory(cfg.optimizer) if with_optimizer else (None, None)

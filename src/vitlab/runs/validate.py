@@ -293,6 +293,7 @@ def _cross_key_problems(values: Mapping[str, Any], gpu_available: bool | None) -
         found.append(
             str(Problem("trainer.devices", devices, "on the CPU use a number of processes >= 1"))
         )
+    found += _compile_problems(values.get("compile"), trainer, gpu_available)
     backend = model.get("attention_backend")
     if (
         isinstance(trainer.get("accelerator", "auto"), str)
@@ -309,6 +310,22 @@ def _cross_key_problems(values: Mapping[str, Any], gpu_available: bool | None) -
             )
         )
     return found
+
+
+def _compile_problems(
+    value: Any, trainer: Mapping[str, Any], gpu_available: bool | None
+) -> list[str]:
+    """`compile` on a CPU run needs what Inductor builds CPU code with (`models.inductor`)."""
+    if not value or not isinstance(value, (bool, Mapping)):
+        return []  # eager, or a type the schema refuses
+    if not runs_on_cpu(trainer, gpu_available):
+        return []
+    from vitlab.models.inductor import cpu_compile_problem
+
+    problem = cpu_compile_problem({} if value is True else value)
+    return (
+        [] if problem is None else [str(Problem("compile", value, f"{problem}; or compile=false"))]
+    )
 
 
 def _ints(*values: Any) -> bool:
