@@ -169,11 +169,16 @@ def test_a_backbone_without_blocks_is_refused_when_the_classifier_is_built():
         ImageClassifier(backbone, num_classes=10, optimizer=ADAMW, layer_decay=DECAY)
 
 
-@pytest.mark.parametrize("value", ["0", "1.5", "abc"])
-def test_check_run_refuses_a_layer_decay_outside_zero_to_one(make_cfg, value):
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0", "0"), ("1.5", "1.5"), ("abc", "'abc'"), ("true", "True"), ("[0.5]", r"\[0.5\]")],
+)
+def test_check_run_refuses_a_layer_decay_outside_zero_to_one(make_cfg, value, shown):
+    """No signature types this key (vitlab's, not torch's), so its rule refuses every
+    value that is not a number in range, a bool or a list too."""
     with pytest.raises(
         ConfigError,
-        match=rf"optimizer.layer_decay='?{value}'? is not valid: use a number in \(0, 1\]",
+        match=rf"optimizer.layer_decay={shown} is not valid: use a number in \(0, 1\]",
     ):
         check_run(make_cfg(f"optimizer.layer_decay={value}"))
 

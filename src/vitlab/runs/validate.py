@@ -176,6 +176,8 @@ NODES = {"loss": settings.Loss, "extras": settings.Extras, "paths": settings.Pat
 COLLECTIONS = ("callbacks", "logger")
 # Keys of a `_target_` node that the runs layer reads before building it.
 CONSUMED = {"model": ("pretrained",), "optimizer": ("layer_decay",)}
+# Those keys as dotted keys: no signature types them, so their rule judges every value.
+_UNTYPED = {f"{node}.{key}" for node, keys in CONSUMED.items() for key in keys}
 
 
 def check_run(cfg: Any, gpu_available: bool | None = None) -> None:
@@ -249,7 +251,7 @@ def _rule_problems(values: Mapping[str, Any]) -> list[str]:
     found = []
     for key, rule in RULES.items():
         value = _lookup(values, key)
-        if value is _ABSENT or not _fits_rule_type(value):
+        if value is _ABSENT or (key not in _UNTYPED and not _fits_rule_type(value)):
             continue  # absent, or already refused by its type
         try:
             ok = rule.check(value)
