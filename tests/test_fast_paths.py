@@ -392,29 +392,36 @@ def test_vitlabs_compiles_time_the_compiled_gelu_first(make_cfg, monkeypatch) ->
 
     events = []
     monkeypatch.setattr(
-        fast, "choose_compiled_gelu", lambda options=None: events.append(("measured", options))
+        fast,
+        "choose_compiled_gelu",
+        lambda options=None, on_cpu=True: events.append(("measured", options, on_cpu)),
     )
     real_compile = nn.Module.compile
     monkeypatch.setattr(
         nn.Module, "compile", lambda self, **kw: events.append("compiled") or real_compile(self)
     )
     build_classifier(make_cfg("compile=true", "model=vit_tiny"), with_optimizer=False)
-    assert events == [("measured", {}), "compiled"]
+    assert events == [("measured", {}, True), "compiled"]  # this machine has no GPU
 
 
 @pytest.mark.parametrize(
-    ("options", "compiler"),
-    [({"backend": "aot_eager"}, "g++"), ({}, None), ({"mode": "max-autotune"}, None)],
+    ("options", "on_cpu", "compiler"),
+    [
+        ({"backend": "aot_eager"}, True, "g++"),
+        ({}, True, None),
+        ({"mode": "max-autotune"}, True, None),
+        ({}, False, "g++"),
+    ],
 )
-def test_the_compiled_gelu_is_not_timed_where_inductor_will_not_build_it(
-    options, compiler, monkeypatch
+def test_the_compiled_gelu_is_not_timed_where_inductor_will_not_build_it_for_a_cpu(
+    options, on_cpu, compiler, monkeypatch
 ) -> None:
-    """Another backend, or no C++ compiler for Inductor: nothing to compile and time, and
-    the graph follows the eager rule, which is what the call answers."""
+    """Another backend, no C++ compiler for Inductor, or a model on a GPU: nothing to
+    compile and time, and a CPU graph would follow the eager rule, which the call answers."""
     monkeypatch.setattr(fast, "cpu_compiler", lambda: compiler)
     monkeypatch.setattr(fast, "choose", lambda *args: pytest.fail("measured"))
     monkeypatch.setattr(fast, "_compiled_tanh_gelu_wins", lambda: "the eager rule")
-    assert fast.choose_compiled_gelu(options) == "the eager rule"
+    assert fast.choose_compiled_gelu(options, on_cpu) == "the eager rule"
 
 
 @pytest.mark.parametrize("wins", [True, False], ids=["sigmoid_won", "torch_won"])

@@ -268,7 +268,7 @@ def _ready_to_race(
     model.to(device)
     options = compile_options(compile_value)
     if options is not None:
-        fast.choose_compiled_gelu(options)
+        fast.choose_compiled_gelu(options, device.type == "cpu")
         model.compile(**options)
     _check_same_architecture(model, description, ours)
     return Racer("timm", description, model, model, options is not None)
@@ -293,7 +293,7 @@ def _compiled_copy(racer: Racer, ours: nn.Module) -> Racer:
     that both start from the same weights, under `torch.compile` with inductor's defaults
     (`compile` is off, so it names no options). It compiles on its first call."""
     model = copy.deepcopy(racer.model)
-    fast.choose_compiled_gelu()
+    fast.choose_compiled_gelu({}, next(model.parameters()).device.type == "cpu")
     compiled = torch.compile(model)
     _check_same_architecture(compiled, racer.description, ours)
     return Racer(

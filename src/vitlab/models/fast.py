@@ -213,17 +213,19 @@ def _traced_for_a_cpu(x: torch.Tensor) -> bool:
 COMPILED_GELU = "tanh_gelu_compiled/cpu/float32"
 
 
-def choose_compiled_gelu(options: Mapping[str, Any] | None = None) -> bool:
+def choose_compiled_gelu(options: Mapping[str, Any] | None = None, on_cpu: bool = True) -> bool:
     """Time Inductor's loops for PyTorch's tanh GELU and for `tanh_gelu_formula`, forward
     and backward, and keep the faster for the graphs traced afterwards; True: the formula.
 
     The loops cannot be compiled while a model's graph is being traced, so vitlab calls
     this before it compiles a model (`train.py`'s `compile`, the benchmark's compiled
-    contenders) with the `torch.compile` keywords it will use. It measures once per
-    machine (cached), compiling two small functions; nothing where the compile will not
-    use Inductor, or Inductor finds no C++ compiler (the eager rule then decides).
+    contenders) with the `torch.compile` keywords it will use, and whether the model runs
+    on the CPU. It measures once per machine (cached), compiling two small functions;
+    nothing for a model on another device, where the compile will not use Inductor, or
+    where Inductor finds no C++ compiler (the eager rule then decides, should a CPU graph
+    ask).
     """
-    if not uses_inductor(options or {}) or cpu_compiler() is None:
+    if not (on_cpu and uses_inductor(options or {}) and cpu_compiler() is not None):
         return _compiled_tanh_gelu_wins()
     with torch.autocast("cpu", enabled=False):
         return choose(COMPILED_GELU, _compiled_gelu_candidates, "torch") == "sigmoid"

@@ -26,7 +26,7 @@ from vitlab.models import fast
 from vitlab.models.checkpoints import load_pretrained
 from vitlab.runs.multirun import is_multirun, job_overrides, sweep_id
 from vitlab.runs.resume import wandb_run_id
-from vitlab.runs.validate import check_trainer
+from vitlab.runs.validate import check_trainer, runs_on_cpu
 from vitlab.training.checkpoint_io import AtomicCheckpointIO
 from vitlab.training.classifier import ImageClassifier
 
@@ -95,7 +95,9 @@ def build_classifier(
     backbone = build_backbone(cfg.model)
     options = compile_options(cfg.get("compile"))
     if options is not None:
-        fast.choose_compiled_gelu(options)  # before tracing: its loops cannot compile during it
+        fast.choose_compiled_gelu(
+            options, runs_on_cpu(cfg.get("trainer") or {})
+        )  # before tracing: its loops cannot compile during it
         backbone.compile(**options)  # in place: state-dict keys stay those of the model
     optimizer, layer_decay = (
         build_optimizer_factory(cfg.optimizer) if with_optimizer else (None, None)
