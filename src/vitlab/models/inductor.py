@@ -43,6 +43,6 @@ def cpu_compile_problem(options: Mapping[str, Any]) -> str | None:
         return None
     return (
         "torch.compile's inductor backend builds CPU code with a C++ compiler, and none was "
-        "found (it looks for $CXX, then g++): install one (e.g. apt install g++) or point CXX "
+        "found ($CXX, or g++ where CXX is unset): install one (e.g. apt install g++) or point CXX "
         "at one"
     )
