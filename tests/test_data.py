@@ -167,6 +167,23 @@ def test_global_batch_that_does_not_divide_names_every_number() -> None:
         assert part in message
 
 
+@pytest.mark.parametrize("loader", ["val_dataloader", "test_dataloader"])
+def test_an_eval_set_smaller_than_the_world_is_refused_not_left_to_hang(loader) -> None:
+    """Ranks past the last sample would have an empty loader: Lightning would stop them alone
+    and the other ranks would fail on the lost connection. Every rank refuses it alike."""
+    datamodule = SyntheticDataModule(batch_size=6, image_size=8, num_samples=12, num_eval_samples=2)
+    datamodule.setup()
+    datamodule.trainer = SimpleNamespace(world_size=3, global_rank=0, accumulate_grad_batches=1)
+    split = "validation" if loader == "val_dataloader" else "test"
+    with pytest.raises(
+        ConfigError,
+        match=rf"the {split} set has 2 samples, fewer than the 3 ranks .* use at most 2 devices",
+    ):
+        getattr(datamodule, loader)()
+    datamodule.trainer = SimpleNamespace(world_size=2, global_rank=1, accumulate_grad_batches=1)
+    assert len(all_labels(getattr(datamodule, loader)())) == 1
+
+
 def test_eval_loaders_keep_every_sample_once() -> None:
     datamodule = SyntheticDataModule(
         batch_size=16, image_size=8, num_samples=32, num_eval_samples=37

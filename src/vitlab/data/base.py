@@ -195,6 +195,7 @@ class ImageDataModule(LightningDataModule):
                 dataset, sampler=sampler, drop_last=train, collate_fn=collate_fn, **common
             )
         if not train:
+            _check_every_rank_has_samples(dataset, world_size, self._split_name(dataset))
             sampler = ShardSampler(len(dataset), rank, world_size)
             return DataLoader(dataset, sampler=sampler, collate_fn=collate_fn, **common)
         loader = ResumableDataLoader(
@@ -209,6 +210,9 @@ class ImageDataModule(LightningDataModule):
         if self._resume_state is not None:
             loader.load_state_dict(self._resume_state)
         return loader
+
+    def _split_name(self, dataset: Dataset) -> str:
+        return "validation" if dataset is getattr(self, "val_set", None) else "test"
 
     def _with_mixing(
         self, collate_fn: Callable[[list[Any]], Any] | None
@@ -282,3 +286,20 @@ class InceptionCropDataModule(ImageDataModule):
             self.randaugment,
         )
         self.eval_transform = eval_transform(self.image_size, self.num_channels)
+
+
+def _check_every_rank_has_samples(dataset: Dataset, world_size: int, split: str) -> None:
+    """An unpadded shard (`ShardSampler`) is empty on the ranks past the last sample: Lightning
+    stops such a rank ("DataLoader within local rank has zero length"), and the others fail
+    on the lost connection. Every rank refuses it here instead, with the same message."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if 0 < size < world_size:
+        samples, devices = (
+            "sample" if size == 1 else "samples",
+            "device" if size == 1 else "devices",
+        )
+        raise ConfigError(
+            f"the {split} set has {size} {samples}, fewer than the {world_size} ranks (devices x "
+            f"nodes), so some ranks would have none to evaluate; use at most {size} {devices}, "
+            f"or more {split} samples"
+        )
