@@ -223,8 +223,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     racers = [Racer("vitlab", "vitlab", ours, ours, compiled)]
     if timm is not None:
         racers.append(_ready_to_race(*timm, ours, device, cfg.get("compile")))
-    left_out = _compile_problem(device) if settings.compiled and not compiled else None
-    if settings.compiled and not compiled and left_out is None:
+    wants_compiled = settings.compiled and not compiled
+    left_out = _compile_problem(device) if wants_compiled else None
+    if wants_compiled and left_out is None:
         racers += [_compiled_copy(racer, ours) for racer in racers]
     contenders = _contenders(cfg, racers, workload)
 

@@ -95,9 +95,8 @@ def build_classifier(
     backbone = build_backbone(cfg.model)
     options = compile_options(cfg.get("compile"))
     if options is not None:
-        fast.choose_compiled_gelu(
-            options, runs_on_cpu(cfg.get("trainer") or {})
-        )  # before tracing: its loops cannot compile during it
+        # Before tracing: the compiled GELU's loops cannot be compiled while it runs.
+        fast.choose_compiled_gelu(options, runs_on_cpu(cfg.get("trainer") or {}))
         backbone.compile(**options)  # in place: state-dict keys stay those of the model
     optimizer, layer_decay = (
         build_optimizer_factory(cfg.optimizer) if with_optimizer else (None, None)
