@@ -106,6 +106,9 @@ def test_bench_json_holds_every_round_and_the_medians(tiny_run):
             contender["images_per_sec"] * contender["flops_per_image"] / report["peak_flops"]
         )
     assert report["machine"]["cpu_cores"] >= 1
+    # One peak per measured round (the warm-up round's is left out), to pair with the samples.
+    assert len(report["peak_flops_rounds"]) == 2
+    assert 0 < max(report["peak_flops_rounds"]) <= report["peak_flops"]
 
 
 def test_bench_returns_the_ratios_ours_over_timm_and_fit_over_bare(tiny_run):

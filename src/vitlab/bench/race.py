@@ -235,7 +235,7 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     machine["load_average_1min_after"] = load_average()
 
     report = bench_report(
-        cfg, asdict(settings), workload.input_shape, machine, max(race.peak_flops), contenders
+        cfg, asdict(settings), workload.input_shape, machine, race.peak_flops, contenders
     )
     report["compiled_left_out"] = left_out
     print(write_report(report, Path(cfg.paths.output_dir)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,14 @@ def bench_report(
     settings: dict[str, Any],
     input_shape: tuple[int, ...],
     machine: dict[str, Any],
-    peak_flops: float,
+    peak_flops: Sequence[float],
     contenders: list[Contender],
 ) -> dict[str, Any]:
     """Everything `bench.json` holds: what ran (model, batch, precision, the `bench` settings,
-    machine), each contender's rounds and summary, and the ratios."""
+    machine), the peak (the best of `peak_flops`, one per round) and each measured round's,
+    each contender's rounds and summary, and the ratios."""
+    rounds = settings["rounds"]
+    best_peak = max(peak_flops)
     compile_value = cfg.get("compile")
     return {
         "model": _model_name(cfg),
@@ -77,8 +81,10 @@ def bench_report(
         else compile_value,
         "settings": settings,
         "machine": machine,
-        "peak_flops": peak_flops,
-        "contenders": [_contender_summary(c, peak_flops) for c in contenders],
+        "peak_flops": best_peak,
+        # The measured rounds' peaks, in the order of each contender's `samples`.
+        "peak_flops_rounds": list(peak_flops[len(peak_flops) - rounds :]),
+        "contenders": [_contender_summary(c, best_peak) for c in contenders],
         "ratios": ratios_over_rounds(contenders),
     }
 

@@ -88,7 +88,7 @@ def bench_token_merging(cfg: DictConfig) -> dict[str, float]:
     )
 
     report = bench_report(
-        cfg, asdict(settings), tuple(images.shape), machine, max(race.peak_flops), contenders
+        cfg, asdict(settings), tuple(images.shape), machine, race.peak_flops, contenders
     )
     if ckpt_path:
         report["model"] = f"{type(model).__name__} of {ckpt_path}"
