@@ -235,9 +235,8 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     machine["load_average_1min_after"] = load_average()
 
     report = bench_report(
-        cfg, asdict(settings), workload.input_shape, machine, race.peak_flops, contenders
+        cfg, asdict(settings), workload.input_shape, machine, race.peak_flops, contenders, left_out
     )
-    report["compiled_left_out"] = left_out
     print(write_report(report, Path(cfg.paths.output_dir)))
     return {name: value["median"] for name, value in report["ratios"].items()}
 

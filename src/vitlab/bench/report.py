@@ -64,10 +64,12 @@ def bench_report(
     machine: dict[str, Any],
     peak_flops: Sequence[float],
     contenders: list[Contender],
+    compiled_left_out: str | None = None,
 ) -> dict[str, Any]:
     """Everything `bench.json` holds: what ran (model, batch, precision, the `bench` settings,
     machine), the peak (the best of `peak_flops`, one per round) and each measured round's,
-    each contender's rounds and summary, and the ratios."""
+    each contender's rounds and summary, the ratios, and why compiled contenders asked for
+    were left out (`compiled_left_out`, None if none were)."""
     rounds = settings["rounds"]
     best_peak = max(peak_flops)
     compile_value = cfg.get("compile")
@@ -86,6 +88,7 @@ def bench_report(
         "peak_flops_rounds": list(peak_flops[len(peak_flops) - rounds :]),
         "contenders": [_contender_summary(c, best_peak) for c in contenders],
         "ratios": ratios_over_rounds(contenders),
+        "compiled_left_out": compiled_left_out,
     }
 
 
@@ -165,7 +168,7 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         f"- Peak memory: one step's highest allocation above its start ({memory_note}).",
     ] + (
         [f"- Compiled contenders left out: {report['compiled_left_out']}."]
-        if report.get("compiled_left_out")
+        if report["compiled_left_out"]
         else []
     )
 
