@@ -164,10 +164,17 @@ def test_resnet_in_place_relus_give_the_out_of_place_gradients(monkeypatch) -> N
 
 @pytest.fixture
 def choices(monkeypatch):
-    """Force the measured choices: `choices(fused=..., sigmoid_forward=..., sigmoid_backward=...)`."""
+    """Force the measured choices: `choices(fused=..., sigmoid_forward=..., sigmoid_backward=...,
+    saved_derivative=...)`."""
 
-    def force(fused: bool = False, sigmoid_forward: bool = False, sigmoid_backward: bool = False):
+    def force(
+        fused: bool = False,
+        sigmoid_forward: bool = False,
+        sigmoid_backward: bool = False,
+        saved_derivative: bool = False,
+    ):
         monkeypatch.setattr(fast, "_fused_wins", lambda *_: fused)
+        monkeypatch.setattr(fast, "_saved_derivative_wins", lambda: saved_derivative)
         monkeypatch.setattr(fast, "_fused_token_mixing_wins", lambda *_: fused)
         wins = {"forward": sigmoid_forward, "backward": sigmoid_backward}
         monkeypatch.setattr(fast, "_tanh_gelu_wins", wins.__getitem__)
@@ -252,6 +259,41 @@ def test_gelu_with_autograd_takes_each_direction_as_chosen(forward, backward, ch
     ) or not (forward or backward), "float64 takes PyTorch's GELU (the paths are float32)"
 
 
+@pytest.mark.parametrize("chunk", [7, fast.GELU_CHUNK], ids=["chunked", "one_chunk"])
+def test_tanh_gelu_and_derivative_are_pytorchs_gelu_and_its_gradient(chunk, monkeypatch) -> None:
+    monkeypatch.setattr(fast, "GELU_CHUNK", chunk)
+    x = torch.linspace(-12, 12, 3 * 101, dtype=torch.float64).reshape(3, 101).requires_grad_()
+    expected = F.gelu(x, approximate="tanh")
+    expected.backward(torch.ones_like(x))
+    out, derivative = fast.tanh_gelu_and_derivative(x.detach())
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(derivative, x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigmoid_forward", [True, False])
+def test_training_keeps_the_gelus_derivative_where_that_measured_faster(
+    sigmoid_forward, choices
+) -> None:
+    x = (torch.randn(6, 40) * 3).requires_grad_()
+    grad = torch.randn(6, 40)
+    expected_x = x.detach().clone().requires_grad_()
+    expected = F.gelu(expected_x, approximate="tanh")
+    expected.backward(grad)
+    for saved in (True, False):
+        choices(sigmoid_forward=sigmoid_forward, saved_derivative=saved)
+        out = fast.gelu(x, nn.GELU(approximate="tanh"))
+        kept = type(out.grad_fn).__name__.startswith("_TanhGeluSavingDerivative")
+        assert kept == saved
+        out.backward(grad)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-5)
+        x.grad = None
+    choices(saved_derivative=True)
+    with torch.no_grad():  # nothing to keep a derivative for: the GELU runs in place
+        h = torch.randn(6, 40)
+        assert fast.gelu_in_place(h, nn.GELU(approximate="tanh")).data_ptr() == h.data_ptr()
+
+
 def test_the_sigmoid_form_is_an_eager_cpu_float32_path() -> None:
     x = torch.randn(4, 8)
     assert fast._tanh_gelu_applies(x)
@@ -292,6 +334,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
     try:
         for direction in ("forward", "backward"):
             assert fast._tanh_gelu_wins(direction) in (True, False)
+        assert fast._saved_derivative_wins() in (True, False)
         assert fast._fused_wins(nn.Linear(8, 16), "tanh") in (True, False)
         mixer_mlp = Mlp(9, 12)
         assert fast._fused_token_mixing_wins(mixer_mlp, torch.randn(2, 9, 5)) in (True, False)
@@ -302,6 +345,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
         assert set(cached[kernel_choice.machine_key()]) == {
             "tanh_gelu_forward/cpu/float32",
             "tanh_gelu_backward/cpu/float32",
+            "tanh_gelu_saved_derivative/cpu/float32",
             "linear_gelu_tanh/8x16/cpu/float32",
             "token_mixing_gelu_tanh/9x12x5/cpu/float32",
             "tanh_gelu_compiled/cpu/float32",

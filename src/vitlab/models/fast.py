@@ -9,7 +9,8 @@ against its plain formulation, forward and backward.
 - `class_token_block`: the last encoder block for the class token alone;
 - `linear_gelu` (`fused_linear_gelu`, `gelu_in_place`): an MLP's first Dense and GELU;
 - `gelu` (`tanh_gelu`): the tanh GELU as x·σ(2u), PyTorch's GELU kernel's tanh being slow
-  on some CPUs;
+  on some CPUs; while training, with its derivative kept for backward
+  (`tanh_gelu_and_derivative`);
 - `token_mixing`: Mixer's token MLP without the transposed copies;
 - `conv2d_padded`, `relu_in_place`: the ResNet stem's padding and ReLUs.
 
@@ -103,7 +104,9 @@ def gelu_in_place(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
 
 def gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
     """`act(h)`, the tanh form as x·σ(2u) (`tanh_gelu`) in each direction where that
-    measured faster than PyTorch's GELU kernel on this machine.
+    measured faster than PyTorch's GELU kernel on this machine; while training, where
+    it measured faster here, the forward also keeps the GELU's derivative for backward
+    (`tanh_gelu_and_derivative`) in place of its input.
 
     While `torch.compile` traces for a CPU, the tanh form is written as x·σ(2u) in
     plain ops (`tanh_gelu_formula`), which Inductor fuses into one loop, where the
@@ -112,6 +115,8 @@ def gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
     if act.approximate == "tanh" and _traced_for_a_cpu(h):
         return tanh_gelu_formula(h) if _compiled_tanh_gelu_wins() else act(h)
     if act.approximate == "tanh" and _tanh_gelu_applies(h):
+        if records_graph(h) and _saved_derivative_wins():
+            return _TanhGeluSavingDerivative.apply(h)
         forward, backward = _tanh_gelu_wins("forward"), _tanh_gelu_wins("backward")
         if forward or backward:
             return _TanhGelu.apply(h, forward, backward)
@@ -166,6 +171,46 @@ def tanh_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=outs).mul_(xs)  # x (C1 + 3 C2 x²)
         k.addcmul_(k, s, value=-1).add_(1).mul_(s).mul_(gs)
     return out
+
+
+def tanh_gelu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tanh_gelu(x)` and its derivative σ(v) (1 + x (C1 + 3 C2 x²) (1 − σ(v))), chunked.
+
+    Computed together while each chunk of `x` is in cache, so that backward is one
+    multiplication (`grad` · derivative) instead of the derivative's arithmetic on a
+    tensor long out of cache; the derivative takes the memory `x` would have taken
+    in autograd's saved tensors. `x` must be contiguous.
+    """
+    out, derivative = torch.empty_like(x), torch.empty_like(x)
+    c1 = x.new_tensor(_C1)
+    scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
+    for xs, outs, ds in zip(
+        x.view(-1).split(GELU_CHUNK),
+        out.view(-1).split(GELU_CHUNK),
+        derivative.view(-1).split(GELU_CHUNK),
+        strict=True,
+    ):
+        s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()]).mul_(xs).sigmoid_()
+        torch.mul(xs, s, out=outs)
+        k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=ds).mul_(xs)  # x (C1 + 3 C2 x²)
+        k.addcmul_(k, s, value=-1).add_(1).mul_(s)
+    return out, derivative
+
+
+class _TanhGeluSavingDerivative(torch.autograd.Function):
+    """The tanh GELU keeping its derivative for backward, not its input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, derivative = tanh_gelu_and_derivative(x)
+        ctx.save_for_backward(derivative)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative
 
 
 class _TanhGelu(torch.autograd.Function):
@@ -269,6 +314,38 @@ def _tanh_gelu_wins(direction: str) -> bool:
     """Whether `tanh_gelu` (forward) or `tanh_gelu_backward` beat PyTorch's kernel here."""
     kernel = f"tanh_gelu_{direction}/cpu/float32"
     return _measured(kernel, partial(_tanh_gelu_candidates, direction), "torch") == "sigmoid"
+
+
+# The choice between recomputing the GELU's derivative in backward and keeping it.
+SAVED_DERIVATIVE = "tanh_gelu_saved_derivative/cpu/float32"
+
+
+def _saved_derivative_wins() -> bool:
+    """Whether a forward keeping the derivative (`tanh_gelu_and_derivative`) and a backward
+    multiplying by it beat the forward and backward chosen above, together, here."""
+    forward, backward = _tanh_gelu_wins("forward"), _tanh_gelu_wins("backward")
+    candidates = partial(_saved_derivative_candidates, forward, backward)
+    return _measured(SAVED_DERIVATIVE, candidates, "recompute") == "saved"
+
+
+def _saved_derivative_candidates(
+    sigmoid_forward: bool, sigmoid_backward: bool
+) -> dict[str, Callable[[], object]]:
+    x, grad = _sample((1 << 22,)), _sample((1 << 22,), seed=1)
+    forward = tanh_gelu if sigmoid_forward else partial(F.gelu, approximate="tanh")
+
+    def recompute() -> None:
+        forward(x)
+        if sigmoid_backward:
+            tanh_gelu_backward(grad, x)
+        else:
+            torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+    def saved() -> None:
+        _, derivative = tanh_gelu_and_derivative(x)
+        grad * derivative
+
+    return {"recompute": recompute, "saved": saved}
 
 
 def _tanh_gelu_candidates(direction: str) -> dict[str, Callable[[], object]]:
