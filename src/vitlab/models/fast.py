@@ -23,7 +23,7 @@ formulation runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +131,11 @@ _C2 = _C1 * 0.044715
 GELU_CHUNK = 1 << 20
 
 
+def _chunks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The matching `GELU_CHUNK`-element pieces of contiguous tensors of one size, as views."""
+    return zip(*(t.view(-1).split(GELU_CHUNK) for t in tensors), strict=True)
+
+
 def tanh_gelu_formula(x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")` as x·σ(x (C1 + C2 x²)) in plain ops, for a compiler
     to fuse (eager, each op would be a pass over memory: `tanh_gelu` chunks them)."""
@@ -146,7 +151,7 @@ def tanh_gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty_like(x) if out is None else out
     c1 = x.new_tensor(_C1)
     scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
-    for xs, outs in zip(x.view(-1).split(GELU_CHUNK), out.view(-1).split(GELU_CHUNK), strict=True):
+    for xs, outs in _chunks(x, out):
         s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()])  # C1 + C2 x²
         s.mul_(xs).sigmoid_()
         torch.mul(xs, s, out=outs)
@@ -161,12 +166,7 @@ def tanh_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     c1 = x.new_tensor(_C1)
     scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
-    for xs, gs, outs in zip(
-        x.view(-1).split(GELU_CHUNK),
-        grad.view(-1).split(GELU_CHUNK),
-        out.view(-1).split(GELU_CHUNK),
-        strict=True,
-    ):
+    for xs, gs, outs in _chunks(x, grad, out):
         s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()]).mul_(xs).sigmoid_()
         k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=outs).mul_(xs)  # x (C1 + 3 C2 x²)
         k.addcmul_(k, s, value=-1).add_(1).mul_(s).mul_(gs)
@@ -184,12 +184,7 @@ def tanh_gelu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     out, derivative = torch.empty_like(x), torch.empty_like(x)
     c1 = x.new_tensor(_C1)
     scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
-    for xs, outs, ds in zip(
-        x.view(-1).split(GELU_CHUNK),
-        out.view(-1).split(GELU_CHUNK),
-        derivative.view(-1).split(GELU_CHUNK),
-        strict=True,
-    ):
+    for xs, outs, ds in _chunks(x, out, derivative):
         s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()]).mul_(xs).sigmoid_()
         torch.mul(xs, s, out=outs)
         k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=ds).mul_(xs)  # x (C1 + 3 C2 x²)
