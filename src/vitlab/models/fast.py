@@ -136,6 +136,19 @@ def _chunks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
     return zip(*(t.view(-1).split(GELU_CHUNK) for t in tensors), strict=True)
 
 
+def _sigmoid_v(xs: torch.Tensor, c1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """σ(v), v = x (C1 + C2 x²), of one chunk `xs`, written into `out`."""
+    return torch.addcmul(c1, xs, xs, value=_C2, out=out).mul_(xs).sigmoid_()
+
+
+def _derivative(
+    xs: torch.Tensor, s: torch.Tensor, c1: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """d/dx x σ(v) = σ(v) (1 + x (C1 + 3 C2 x²) (1 − σ(v))) of one chunk, s = σ(v), into `out`."""
+    k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=out).mul_(xs)  # x (C1 + 3 C2 x²)
+    return k.addcmul_(k, s, value=-1).add_(1).mul_(s)
+
+
 def tanh_gelu_formula(x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")` as x·σ(x (C1 + C2 x²)) in plain ops, for a compiler
     to fuse (eager, each op would be a pass over memory: `tanh_gelu` chunks them)."""
@@ -152,9 +165,7 @@ def tanh_gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     c1 = x.new_tensor(_C1)
     scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
     for xs, outs in _chunks(x, out):
-        s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()])  # C1 + C2 x²
-        s.mul_(xs).sigmoid_()
-        torch.mul(xs, s, out=outs)
+        torch.mul(xs, _sigmoid_v(xs, c1, scratch[: xs.numel()]), out=outs)
     return out
 
 
@@ -167,9 +178,7 @@ def tanh_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     c1 = x.new_tensor(_C1)
     scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
     for xs, gs, outs in _chunks(x, grad, out):
-        s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()]).mul_(xs).sigmoid_()
-        k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=outs).mul_(xs)  # x (C1 + 3 C2 x²)
-        k.addcmul_(k, s, value=-1).add_(1).mul_(s).mul_(gs)
+        _derivative(xs, _sigmoid_v(xs, c1, scratch[: xs.numel()]), c1, outs).mul_(gs)
     return out
 
 
@@ -185,10 +194,9 @@ def tanh_gelu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     c1 = x.new_tensor(_C1)
     scratch = x.new_empty(min(GELU_CHUNK, x.numel()))
     for xs, outs, ds in _chunks(x, out, derivative):
-        s = torch.addcmul(c1, xs, xs, value=_C2, out=scratch[: xs.numel()]).mul_(xs).sigmoid_()
+        s = _sigmoid_v(xs, c1, scratch[: xs.numel()])
         torch.mul(xs, s, out=outs)
-        k = torch.addcmul(c1, xs, xs, value=3 * _C2, out=ds).mul_(xs)  # x (C1 + 3 C2 x²)
-        k.addcmul_(k, s, value=-1).add_(1).mul_(s)
+        _derivative(xs, s, c1, ds)
     return out, derivative
 
 
@@ -318,23 +326,20 @@ SAVED_DERIVATIVE = "tanh_gelu_saved_derivative/cpu/float32"
 def _saved_derivative_wins() -> bool:
     """Whether a forward keeping the derivative (`tanh_gelu_and_derivative`) and a backward
     multiplying by it beat the forward and backward chosen above, together, here."""
-    forward, backward = _tanh_gelu_wins("forward"), _tanh_gelu_wins("backward")
-    candidates = partial(_saved_derivative_candidates, forward, backward)
-    return _measured(SAVED_DERIVATIVE, candidates, "recompute") == "saved"
+    return _measured(SAVED_DERIVATIVE, _saved_derivative_candidates, "recompute") == "saved"
 
 
-def _saved_derivative_candidates(
-    sigmoid_forward: bool, sigmoid_backward: bool
-) -> dict[str, Callable[[], object]]:
+def _saved_derivative_candidates() -> dict[str, Callable[[], object]]:
+    # The pair it competes with: each direction's own candidate, as chosen (measured first).
+    forward, backward = (
+        _tanh_gelu_candidates(direction)["sigmoid" if _tanh_gelu_wins(direction) else "torch"]
+        for direction in ("forward", "backward")
+    )
     x, grad = _sample((1 << 22,)), _sample((1 << 22,), seed=1)
-    forward = tanh_gelu if sigmoid_forward else partial(F.gelu, approximate="tanh")
 
     def recompute() -> None:
-        forward(x)
-        if sigmoid_backward:
-            tanh_gelu_backward(grad, x)
-        else:
-            torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+        forward()
+        backward()
 
     def saved() -> None:
         _, derivative = tanh_gelu_and_derivative(x)
