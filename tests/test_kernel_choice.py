@@ -121,6 +121,18 @@ def test_the_machine_key_names_the_cpu_its_instruction_sets_threads_and_torch(mo
     assert "threads=97" in kernel_choice.machine_key(), "a measurement holds for its thread count"
 
 
+def test_two_cpus_that_share_a_masked_model_name_get_their_own_choices():
+    """A virtual machine's "AMD EPYC" may be a Zen 1 or a Zen 3: the family tells them apart."""
+    zen = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 1\n"
+    zen += "model name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 fma\n"
+    zen1 = kernel_choice.describe_processor(zen.format(family=23))
+    zen3 = kernel_choice.describe_processor(zen.format(family=25))
+    assert zen1 != zen3
+    assert zen1 == "AMD EPYC (cpu family 23, model 1) [avx2]"
+    arm = kernel_choice.describe_processor("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert arm.endswith("[asimd]") and "family" not in arm
+
+
 def test_a_broken_or_unwritable_cache_costs_only_a_measurement(cache_file, tmp_path, monkeypatch):
     cache_file.parent.mkdir(parents=True)
     cache_file.write_text("{not json")

@@ -7,7 +7,7 @@ where that kernel's vectorised tanh is slow. So where the winner depends on the
 machine, `choose` runs each candidate a few times on a small input of the kernel's
 shape the first time the kernel is needed, and keeps the fastest by median. The
 plain formulation stays unless another is faster by `MARGIN`: no path may be slower
-than the one it replaces. The choice is cached per machine (CPU model, instruction
+than the one it replaces. The choice is cached per machine (CPU model and family, instruction
 sets, threads, torch version) and kernel in a JSON file (`cache_path`), so later
 processes on the same machine reuse it; `VITLAB_KERNEL_CACHE` moves the file, and a
 file that cannot be read or written only costs a measurement.
@@ -48,25 +48,38 @@ def cache_path() -> Path:
 
 
 def machine_key() -> str:
-    """What a measured choice holds for: CPU model, its instruction sets, threads, torch."""
+    """What a measured choice holds for: CPU model and family, instruction sets, threads, torch."""
     return f"{_processor()} threads={torch.get_num_threads()} torch={torch.__version__}"
 
 
 @cache
 def _processor() -> str:
-    """The CPU model and the instruction sets of `ISA_FLAGS` it has, read once."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """This machine's `describe_processor`, read once."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-                break
+        return describe_processor(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return f"{model} [{'+'.join(flag for flag in ISA_FLAGS if flag in flags) or '-'}]"
+        return describe_processor("")
+
+
+def describe_processor(cpuinfo: str) -> str:
+    """The CPU model, its x86 family and model numbers, and the `ISA_FLAGS` it has.
+
+    Virtual machines often mask the model name (two AMD EPYC generations both read
+    "AMD EPYC"), and a Zen 1 core splits each AVX2 instruction in two where a Zen 3
+    core does not, so the family and model numbers are part of what a choice holds for.
+    """
+    model, numbers, flags = platform.processor() or platform.machine(), [], set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() in ("cpu family", "model"):
+            numbers.append(f"{key.strip()} {value.strip()}")
+        elif key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    family = f" ({', '.join(numbers)})" if numbers else ""
+    return f"{model}{family} [{'+'.join(flag for flag in ISA_FLAGS if flag in flags) or '-'}]"
 
 
 def choose(
