@@ -23,6 +23,7 @@ from vitlab.bench.race import BenchSettings, Racer, _compiled_copy, bench
 from vitlab.bench.timm_models import timm_model
 from vitlab.bench.token_merging import bench_token_merging
 from vitlab.errors import ConfigError
+from vitlab.models.kernel_choice import processor
 from vitlab.runs.build import build_backbone, build_classifier
 from vitlab.runs.validate import check_run
 
@@ -106,6 +107,8 @@ def test_bench_json_holds_every_round_and_the_medians(tiny_run):
             contender["images_per_sec"] * contender["flops_per_image"] / report["peak_flops"]
         )
     assert report["machine"]["cpu_cores"] >= 1
+    # The CPU as the kernel cache keys it: model, x86 family and model, instruction sets.
+    assert report["machine"]["cpu"] == processor()
     # One peak per measured round (the warm-up round's is left out), to pair with the samples.
     assert len(report["peak_flops_rounds"]) == 2
     assert 0 < max(report["peak_flops_rounds"]) <= report["peak_flops"]

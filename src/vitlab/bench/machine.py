@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vitlab.errors import ConfigError
+from vitlab.models.kernel_choice import processor
 from vitlab.runs.provenance import package_versions
 from vitlab.runs.validate import GPU_ACCELERATORS, runs_on_cpu
 
@@ -44,9 +44,9 @@ def load_average() -> float | None:
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
-    """CPU model and cores, the GPU if used, the load average, and the versions that matter."""
+    """CPU model (`kernel_choice.processor`) and cores, the GPU if used, the load average, and the versions that matter."""
     return {
-        "cpu": _cpu_model(),
+        "cpu": processor(),  # model, x86 family and model numbers, AVX2/AVX-512/AMX flags
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
@@ -56,20 +56,6 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,  # with its build, e.g. 2.5.1+cu124
         **package_versions(("lightning", "timm")),
     }
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return cpu
 
 
 def peak_step_memory(step: Callable[[], None], device: torch.device) -> float | None:

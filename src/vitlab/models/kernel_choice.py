@@ -49,12 +49,12 @@ def cache_path() -> Path:
 
 def machine_key() -> str:
     """What a measured choice holds for: CPU model and family, instruction sets, threads, torch."""
-    return f"{_processor()} threads={torch.get_num_threads()} torch={torch.__version__}"
+    return f"{processor()} threads={torch.get_num_threads()} torch={torch.__version__}"
 
 
 @cache
-def _processor() -> str:
-    """This machine's `describe_processor`, read once."""
+def processor() -> str:
+    """This machine's `describe_processor`, read once; the benchmark's report names it too."""
     try:
         return describe_processor(Path("/proc/cpuinfo").read_text())
     except OSError:
@@ -70,12 +70,12 @@ def describe_processor(cpuinfo: str) -> str:
     """
     model, numbers, flags = platform.processor() or platform.machine(), [], set()
     for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() in ("cpu family", "model"):
-            numbers.append(f"{key.strip()} {value.strip()}")
-        elif key.strip() in ("flags", "Features"):
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name":
+            model = value
+        elif key in ("cpu family", "model"):
+            numbers.append(f"{key} {value}")
+        elif key in ("flags", "Features"):
             flags = set(value.split())
             break
     family = f" ({', '.join(numbers)})" if numbers else ""
