@@ -294,6 +294,96 @@ def test_training_keeps_the_gelus_derivative_where_that_measured_faster(
         assert fast.gelu_in_place(h, nn.GELU(approximate="tanh")).data_ptr() == h.data_ptr()
 
 
+def test_inductors_loop_is_pytorchs_tanh_gelu_and_its_gradient() -> None:
+    """One compile serves every length (a flat view, dynamic), the vector loop's tail too."""
+    for shape in ((6, 40), (3, 101), (2, 5, 333)):
+        x = (torch.randn(shape) * 4).requires_grad_()
+        grad = torch.randn(shape)
+        out = fast.tanh_gelu_loop(x)
+        out.backward(grad)
+        expected_x = x.detach().clone().requires_grad_()
+        expected = F.gelu(expected_x, approximate="tanh")
+        expected.backward(grad)
+        assert out.shape == shape
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_formula_keeps_its_constants_out_of_the_graphs_inputs() -> None:
+    """With dynamic shapes Dynamo lifts a module's float into a graph input, and Inductor
+    builds a loop that reads one for a single thread: the formula's are literals."""
+    inputs = []
+
+    def recording_backend(gm, example_inputs):
+        inputs.append([node.name for node in gm.graph.nodes if node.op == "placeholder"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fast.tanh_gelu_formula, dynamic=True, backend=recording_backend)(torch.randn(100))
+    torch._dynamo.reset()
+    ((_length, x),) = inputs
+    assert x == "l_x_", "the input alone, beside its symbolic length"
+
+
+@pytest.fixture
+def loop_calls(monkeypatch):
+    """The calls of `fast.tanh_gelu_loop` (run for real), with a minimum size of 64 elements."""
+    calls = []
+    real = fast.tanh_gelu_loop
+    monkeypatch.setattr(fast, "tanh_gelu_loop", lambda x: calls.append(x.shape) or real(x))
+    monkeypatch.setattr(fast, "GELU_LOOP_MIN", 64)
+    monkeypatch.setattr(fast, "_gelu_loop_failed", False)
+    return calls
+
+
+@pytest.mark.parametrize("loop_won", [True, False], ids=["loop_won", "eager_won"])
+def test_training_takes_inductors_loop_only_where_it_measured_faster(
+    loop_won, loop_calls, choices, monkeypatch
+) -> None:
+    choices(sigmoid_forward=True)
+    monkeypatch.setattr(fast, "_gelu_loop_wins", lambda: loop_won)
+    act = nn.GELU(approximate="tanh")
+    x = (torch.randn(4, 40) * 3).requires_grad_()
+    expected = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(fast.gelu(x, act), expected, rtol=1e-6, atol=1e-6)
+    assert loop_calls == ([(4, 40)] if loop_won else [])
+    loop_calls.clear()
+    fast.gelu(x[:1], act)  # 40 elements, below the minimum
+    with torch.no_grad():  # nothing recorded: the in-place eager GELU
+        fast.gelu_in_place(x.detach().clone(), act)
+    with torch._dynamo.config.patch(disable=True):  # TORCH_COMPILE_DISABLE=1
+        fast.gelu(x, act)
+    monkeypatch.setattr(fast, "cpu_compiler", lambda: None)  # nothing to build it with
+    fast.gelu(x, act)
+    assert loop_calls == []
+
+
+def test_a_loop_that_fails_to_build_leaves_the_eager_kernels_with_a_warning(
+    loop_calls, tmp_path, monkeypatch, caplog
+) -> None:
+    from vitlab.models import kernel_choice
+
+    monkeypatch.setenv("VITLAB_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    kernel_choice.forget()
+
+    def broken(x):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(fast, "tanh_gelu_loop", broken)
+    x = (torch.randn(4, 40) * 3).requires_grad_()
+    try:
+        with caplog.at_level("WARNING", logger="vitlab.models.fast"):
+            out = fast.gelu(x, nn.GELU(approximate="tanh"))
+        assert "no compiler today" in caplog.text
+        torch.testing.assert_close(out, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+        assert fast._gelu_loop_failed
+        assert kernel_choice.chosen(fast.GELU_LOOP) is None, "nothing cached for later runs"
+        fast.gelu(x, nn.GELU(approximate="tanh"))
+        assert caplog.text.count("no compiler today") == 1, "one warning, no second try"
+    finally:
+        kernel_choice.forget()
+
+
 def test_the_sigmoid_form_is_an_eager_cpu_float32_path() -> None:
     x = torch.randn(4, 8)
     assert fast._tanh_gelu_applies(x)
@@ -339,6 +429,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
         mixer_mlp = Mlp(9, 12)
         assert fast._fused_token_mixing_wins(mixer_mlp, torch.randn(2, 9, 5)) in (True, False)
         assert fast.choose_compiled_gelu() in (True, False), "two small compiles, timed"
+        assert fast._gelu_loop_wins() in (True, False), "one small compile, timed"
         import json
 
         cached = json.loads((tmp_path / "kernels.json").read_text())
@@ -349,6 +440,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
             "linear_gelu_tanh/8x16/cpu/float32",
             "token_mixing_gelu_tanh/9x12x5/cpu/float32",
             "tanh_gelu_compiled/cpu/float32",
+            "tanh_gelu_inductor_loop/cpu/float32",
         }
     finally:
         kernel_choice.forget()

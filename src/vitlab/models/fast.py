@@ -10,21 +10,22 @@ against its plain formulation, forward and backward.
 - `linear_gelu` (`fused_linear_gelu`, `gelu_in_place`): an MLP's first Dense and GELU;
 - `gelu` (`tanh_gelu`): the tanh GELU as x·σ(2u), PyTorch's GELU kernel's tanh being slow
   on some CPUs; while training, with its derivative kept for backward
-  (`tanh_gelu_and_derivative`);
+  (`tanh_gelu_and_derivative`), or by Inductor's fused loop of it (`tanh_gelu_loop`);
 - `token_mixing`: Mixer's token MLP without the transposed copies;
 - `conv2d_padded`, `relu_in_place`: the ResNet stem's padding and ReLUs.
 
 Where the faster way depends on the CPU (the fused oneDNN kernel, the sigmoid-form
-GELU), it is taken only where it measured faster on this machine
+GELU, Inductor's GELU loop), it is taken only where it measured faster on this machine
 (`kernel_choice.choose`, once per machine and kernel, cached): elsewhere the plain
 formulation runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +38,8 @@ from vitlab.models.kernel_choice import choose, chosen
 
 if TYPE_CHECKING:
     from vitlab.models.layers import Attention, Block, GeluApproximate, Mlp, Rotate
+
+log = logging.getLogger(__name__)
 
 
 def class_token_block(
@@ -106,7 +109,8 @@ def gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
     """`act(h)`, the tanh form as x·σ(2u) (`tanh_gelu`) in each direction where that
     measured faster than PyTorch's GELU kernel on this machine; while training, where
     it measured faster here, the forward also keeps the GELU's derivative for backward
-    (`tanh_gelu_and_derivative`) in place of its input.
+    (`tanh_gelu_and_derivative`) in place of its input, or, for a large `h`, Inductor's
+    loop of the sigmoid form runs both ways (`tanh_gelu_loop`).
 
     While `torch.compile` traces for a CPU, the tanh form is written as x·σ(2u) in
     plain ops (`tanh_gelu_formula`), which Inductor fuses into one loop, where the
@@ -115,11 +119,20 @@ def gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
     if act.approximate == "tanh" and _traced_for_a_cpu(h):
         return tanh_gelu_formula(h) if _compiled_tanh_gelu_wins() else act(h)
     if act.approximate == "tanh" and _tanh_gelu_applies(h):
-        if records_graph(h) and _saved_derivative_wins():
-            return _TanhGeluSavingDerivative.apply(h)
-        forward, backward = _tanh_gelu_wins("forward"), _tanh_gelu_wins("backward")
-        if forward or backward:
-            return _TanhGelu.apply(h, forward, backward)
+        if records_graph(h) and _gelu_loop_applies(h) and _gelu_loop_wins():
+            return tanh_gelu_loop(h)
+        return _eager_tanh_gelu(h, act)
+    return act(h)
+
+
+def _eager_tanh_gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
+    """`act(h)` by the eager kernels chosen here: the sigmoid form in either direction,
+    the kept derivative while training, or PyTorch's GELU."""
+    if records_graph(h) and _saved_derivative_wins():
+        return _TanhGeluSavingDerivative.apply(h)
+    forward, backward = _tanh_gelu_wins("forward"), _tanh_gelu_wins("backward")
+    if forward or backward:
+        return _TanhGelu.apply(h, forward, backward)
     return act(h)
 
 
@@ -151,8 +164,33 @@ def _derivative(
 
 def tanh_gelu_formula(x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")` as x·σ(x (C1 + C2 x²)) in plain ops, for a compiler
-    to fuse (eager, each op would be a pass over memory: `tanh_gelu` chunks them)."""
-    return x * torch.sigmoid(x * (_C1 + _C2 * x * x))
+    to fuse (eager, each op would be a pass over memory: `tanh_gelu` chunks them).
+
+    C1 and C2 are written out: with dynamic shapes Dynamo makes a module's float (`_C1`)
+    an input of the graph, and Inductor's loop that reads it then runs on one thread.
+    """
+    return x * torch.sigmoid(x * (1.5957691216057308 + 0.07135481627260025 * x * x))
+
+
+# Below this many elements a GELU keeps the eager kernels: the loop's compile, once a
+# process, would cost more than the loop saves in a short run of a small model.
+GELU_LOOP_MIN = 1 << 20
+
+
+def tanh_gelu_loop(x: torch.Tensor) -> torch.Tensor:
+    """`tanh_gelu_formula(x)` by Inductor's one fused loop each way, called from eager code.
+
+    Where PyTorch's tanh GELU kernel is slow, eager code can only chunk the sigmoid
+    form's passes (`tanh_gelu`); a compiled loop makes one pass forward and one backward,
+    with an exp for the tanh. Compiled once a process, for every size (a flat view with a
+    dynamic length). `x` must be contiguous.
+    """
+    return _compiled_tanh_gelu_formula()(x.view(-1)).view(x.shape)
+
+
+@cache
+def _compiled_tanh_gelu_formula() -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.compile(tanh_gelu_formula, dynamic=True)
 
 
 def tanh_gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,6 +384,62 @@ def _saved_derivative_candidates() -> dict[str, Callable[[], object]]:
         grad * derivative
 
     return {"recompute": recompute, "saved": saved}
+
+
+# The choice, while training, between the eager kernels chosen above and Inductor's loop.
+GELU_LOOP = "tanh_gelu_inductor_loop/cpu/float32"
+# Set where the loop failed to build or run in this process: the eager kernels from then on.
+_gelu_loop_failed = False
+
+
+def _gelu_loop_applies(x: torch.Tensor) -> bool:
+    """Whether `tanh_gelu_loop` may serve a training GELU of `x`: `GELU_LOOP_MIN` elements
+    or more, a C++ compiler for Inductor, and `torch.compile` not turned off
+    (`TORCH_COMPILE_DISABLE=1`, where the "loop" would be the formula's eager passes)."""
+    return (
+        x.numel() >= GELU_LOOP_MIN
+        and not _gelu_loop_failed
+        and not torch._dynamo.config.disable
+        and cpu_compiler() is not None
+    )
+
+
+def _gelu_loop_wins() -> bool:
+    """Whether Inductor's loop (`tanh_gelu_loop`), forward and backward, beat the eager
+    kernels chosen here (`_eager_tanh_gelu`), forward and backward, on this machine.
+
+    Measured with autograd, as training runs them; the first measurement compiles the
+    loop. Where that compile or call fails, the eager kernels serve, with a warning.
+    """
+    global _gelu_loop_failed
+    choice = chosen(GELU_LOOP)
+    if choice is None:
+        try:
+            with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+                choice = choose(GELU_LOOP, _gelu_loop_candidates, "eager")
+        except Exception as err:  # whatever the compiler raised: the eager kernels
+            _gelu_loop_failed = True
+            log.warning("Inductor's tanh GELU loop failed (%s): the eager GELU kernels serve", err)
+            return False
+    return choice == "loop"
+
+
+def _gelu_loop_candidates() -> dict[str, Callable[[], object]]:
+    x, grad = _sample((1 << 22,)).requires_grad_(), _sample((1 << 22,), seed=1)
+    act = nn.GELU(approximate="tanh")
+    _eager_tanh_gelu(x, act)  # the eager kernels' own choices, measured first
+
+    def forward_and_backward(form: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            form(x).backward(grad)
+            x.grad = None
+
+        return run
+
+    return {
+        "eager": forward_and_backward(partial(_eager_tanh_gelu, act=act)),
+        "loop": forward_and_backward(tanh_gelu_loop),
+    }
 
 
 def _tanh_gelu_candidates(direction: str) -> dict[str, Callable[[], object]]:
