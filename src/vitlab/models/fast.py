@@ -167,7 +167,8 @@ def tanh_gelu_formula(x: torch.Tensor) -> torch.Tensor:
     to fuse (eager, each op would be a pass over memory: `tanh_gelu` chunks them).
 
     C1 and C2 are written out: with dynamic shapes Dynamo makes a module's float (`_C1`)
-    an input of the graph, and Inductor's loop that reads it then runs on one thread.
+    an input of the graph, and Inductor built `tanh_gelu_loop`'s loop that read them for one
+    thread.
     """
     return x * torch.sigmoid(x * (1.5957691216057308 + 0.07135481627260025 * x * x))
 
