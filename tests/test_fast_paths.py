@@ -325,12 +325,27 @@ def test_the_compiled_formula_keeps_its_constants_out_of_the_graphs_inputs() -> 
     assert x == "l_x_", "the input alone, beside its symbolic length"
 
 
+def test_inductors_loop_in_place_writes_pytorchs_tanh_gelu_over_its_input() -> None:
+    for no_graph in (torch.no_grad, torch.inference_mode):
+        with no_graph():
+            for shape in ((6, 40), (3, 101)):
+                h = torch.randn(shape) * 4
+                expected = F.gelu(h, approximate="tanh")
+                out = fast.tanh_gelu_loop_(h)
+                assert out.data_ptr() == h.data_ptr() and out.shape == shape
+                torch.testing.assert_close(h, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture
 def loop_calls(monkeypatch):
-    """The calls of `fast.tanh_gelu_loop` (run for real), with a minimum size of 64 elements."""
+    """The calls of `fast.tanh_gelu_loop` and `fast.tanh_gelu_loop_` (run for real), by
+    name and shape, with a minimum size of 64 elements."""
     calls = []
-    real = fast.tanh_gelu_loop
-    monkeypatch.setattr(fast, "tanh_gelu_loop", lambda x: calls.append(x.shape) or real(x))
+    for name in ("tanh_gelu_loop", "tanh_gelu_loop_"):
+        real = getattr(fast, name)
+        monkeypatch.setattr(
+            fast, name, lambda x, name=name, real=real: calls.append((name, x.shape)) or real(x)
+        )
     monkeypatch.setattr(fast, "GELU_LOOP_MIN", 64)
     monkeypatch.setattr(fast, "_gelu_loop_failed", False)
     return calls
@@ -341,20 +356,29 @@ def test_training_takes_inductors_loop_only_where_it_measured_faster(
     loop_won, loop_calls, choices, monkeypatch
 ) -> None:
     choices(sigmoid_forward=True)
-    monkeypatch.setattr(fast, "_gelu_loop_wins", lambda: loop_won)
+    asked = []
+    monkeypatch.setattr(
+        fast, "_gelu_loop_wins", lambda in_place: asked.append(in_place) or loop_won
+    )
     act = nn.GELU(approximate="tanh")
     x = (torch.randn(4, 40) * 3).requires_grad_()
     expected = F.gelu(x, approximate="tanh")
     torch.testing.assert_close(fast.gelu(x, act), expected, rtol=1e-6, atol=1e-6)
-    assert loop_calls == ([(4, 40)] if loop_won else [])
+    with torch.no_grad():  # nothing recorded: the GELU written over its input
+        h = x.detach().clone()
+        assert fast.gelu_in_place(h, act).data_ptr() == h.data_ptr()
+        torch.testing.assert_close(h, expected, rtol=1e-6, atol=1e-6)
+    assert asked == [False, True], "the training and the in-place measurements"
+    expected_calls = [("tanh_gelu_loop", (4, 40)), ("tanh_gelu_loop_", (4, 40))]
+    assert loop_calls == (expected_calls if loop_won else [])
     loop_calls.clear()
     fast.gelu(x[:1], act)  # 40 elements, below the minimum
-    with torch.no_grad():  # nothing recorded: the in-place eager GELU
-        fast.gelu_in_place(x.detach().clone(), act)
     with torch._dynamo.config.patch(disable=True):  # TORCH_COMPILE_DISABLE=1
         fast.gelu(x, act)
     monkeypatch.setattr(fast, "cpu_compiler", lambda: None)  # nothing to build it with
     fast.gelu(x, act)
+    with torch.no_grad():
+        fast.gelu_in_place(x.detach().clone(), act)
     assert loop_calls == []
 
 
@@ -429,7 +453,8 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
         mixer_mlp = Mlp(9, 12)
         assert fast._fused_token_mixing_wins(mixer_mlp, torch.randn(2, 9, 5)) in (True, False)
         assert fast.choose_compiled_gelu() in (True, False), "two small compiles, timed"
-        assert fast._gelu_loop_wins() in (True, False), "one small compile, timed"
+        for in_place in (False, True):
+            assert fast._gelu_loop_wins(in_place) in (True, False), "a small compile, timed"
         import json
 
         cached = json.loads((tmp_path / "kernels.json").read_text())
@@ -441,6 +466,7 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
             "token_mixing_gelu_tanh/9x12x5/cpu/float32",
             "tanh_gelu_compiled/cpu/float32",
             "tanh_gelu_inductor_loop/cpu/float32",
+            "tanh_gelu_inductor_loop_in_place/cpu/float32",
         }
     finally:
         kernel_choice.forget()

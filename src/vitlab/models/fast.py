@@ -10,7 +10,8 @@ against its plain formulation, forward and backward.
 - `linear_gelu` (`fused_linear_gelu`, `gelu_in_place`): an MLP's first Dense and GELU;
 - `gelu` (`tanh_gelu`): the tanh GELU as x·σ(2u), PyTorch's GELU kernel's tanh being slow
   on some CPUs; while training, with its derivative kept for backward
-  (`tanh_gelu_and_derivative`), or by Inductor's fused loop of it (`tanh_gelu_loop`);
+  (`tanh_gelu_and_derivative`); on large tensors, by Inductor's fused loop of it called
+  from eager code (`tanh_gelu_loop`, and `tanh_gelu_loop_` in place without autograd);
 - `token_mixing`: Mixer's token MLP without the transposed copies;
 - `conv2d_padded`, `relu_in_place`: the ResNet stem's padding and ReLUs.
 
@@ -96,13 +97,24 @@ def gelu_in_place(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
     Where no graph is recorded (`torch.no_grad`, `torch.inference_mode`, or `h`
     needing no grad) nothing keeps `h`, so the GELU writes its result over it: the
     MLP's widest buffer is not allocated twice. While training, backward needs `h`,
-    so the GELU writes a new tensor (`gelu`).
+    so the GELU writes a new tensor (`gelu`). The tanh GELU of a large `h` runs as
+    Inductor's loop, in place too (`tanh_gelu_loop_`), where that measured faster here.
     """
     if records_graph(h) or _traced_for_a_cpu(h):
         return gelu(h, act)
-    if act.approximate == "tanh" and _tanh_gelu_applies(h) and _tanh_gelu_wins("forward"):
-        return tanh_gelu(h, out=h)
+    if act.approximate == "tanh" and _tanh_gelu_applies(h):
+        if _gelu_loop_applies(h) and _gelu_loop_wins(in_place=True):
+            return tanh_gelu_loop_(h)
+        return _eager_tanh_gelu_(h)
     return torch.ops.aten.gelu_(h, approximate=act.approximate)
+
+
+def _eager_tanh_gelu_(h: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU written over `h` by the eager kernel chosen here, the sigmoid form or
+    PyTorch's; no autograd."""
+    if _tanh_gelu_wins("forward"):
+        return tanh_gelu(h, out=h)
+    return torch.ops.aten.gelu_(h, approximate="tanh")
 
 
 def gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
@@ -119,7 +131,7 @@ def gelu(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:
     if act.approximate == "tanh" and _traced_for_a_cpu(h):
         return tanh_gelu_formula(h) if _compiled_tanh_gelu_wins() else act(h)
     if act.approximate == "tanh" and _tanh_gelu_applies(h):
-        if records_graph(h) and _gelu_loop_applies(h) and _gelu_loop_wins():
+        if records_graph(h) and _gelu_loop_applies(h) and _gelu_loop_wins(in_place=False):
             return tanh_gelu_loop(h)
         return _eager_tanh_gelu(h, act)
     return act(h)
@@ -189,9 +201,19 @@ def tanh_gelu_loop(x: torch.Tensor) -> torch.Tensor:
     return _compiled_tanh_gelu_formula()(x.view(-1)).view(x.shape)
 
 
+def tanh_gelu_loop_(x: torch.Tensor) -> torch.Tensor:
+    """`tanh_gelu_loop` written over `x` (one loop, reading and writing `x`); no autograd."""
+    _compiled_tanh_gelu_formula(in_place=True)(x.view(-1))
+    return x
+
+
 @cache
-def _compiled_tanh_gelu_formula() -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch.compile(tanh_gelu_formula, dynamic=True)
+def _compiled_tanh_gelu_formula(in_place: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.compile(_tanh_gelu_formula_ if in_place else tanh_gelu_formula, dynamic=True)
+
+
+def _tanh_gelu_formula_(x: torch.Tensor) -> torch.Tensor:
+    return x.copy_(tanh_gelu_formula(x))
 
 
 def tanh_gelu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -387,8 +409,10 @@ def _saved_derivative_candidates() -> dict[str, Callable[[], object]]:
     return {"recompute": recompute, "saved": saved}
 
 
-# The choice, while training, between the eager kernels chosen above and Inductor's loop.
+# The choices between the eager kernels chosen above and Inductor's loop: while training,
+# and without autograd (in place).
 GELU_LOOP = "tanh_gelu_inductor_loop/cpu/float32"
+GELU_LOOP_IN_PLACE = "tanh_gelu_inductor_loop_in_place/cpu/float32"
 # Set where the loop failed to build or run in this process: the eager kernels from then on.
 _gelu_loop_failed = False
 
@@ -405,19 +429,26 @@ def _gelu_loop_applies(x: torch.Tensor) -> bool:
     )
 
 
-def _gelu_loop_wins() -> bool:
-    """Whether Inductor's loop (`tanh_gelu_loop`), forward and backward, beat the eager
-    kernels chosen here (`_eager_tanh_gelu`), forward and backward, on this machine.
+def _gelu_loop_wins(in_place: bool) -> bool:
+    """Whether Inductor's loop beat the eager kernels chosen here on this machine: forward
+    and backward with autograd, as training runs them (`tanh_gelu_loop` against
+    `_eager_tanh_gelu`), or, `in_place`, the forward written over its input without
+    autograd (`tanh_gelu_loop_` against `_eager_tanh_gelu_`).
 
-    Measured with autograd, as training runs them; the first measurement compiles the
-    loop. Where that compile or call fails, the eager kernels serve, with a warning.
+    The first measurement compiles the loop. Where that compile or call fails, the eager
+    kernels serve, with a warning.
     """
     global _gelu_loop_failed
-    choice = chosen(GELU_LOOP)
+    kernel = GELU_LOOP_IN_PLACE if in_place else GELU_LOOP
+    choice = chosen(kernel)
     if choice is None:
+        candidates = _gelu_loop_in_place_candidates if in_place else _gelu_loop_candidates
         try:
-            with torch.enable_grad(), torch.autocast("cpu", enabled=False):
-                choice = choose(GELU_LOOP, _gelu_loop_candidates, "eager")
+            with (
+                torch.autograd.set_grad_enabled(not in_place),
+                torch.autocast("cpu", enabled=False),
+            ):
+                choice = choose(kernel, candidates, "eager")
         except Exception as err:  # whatever the compiler raised: the eager kernels
             _gelu_loop_failed = True
             log.warning("Inductor's tanh GELU loop failed (%s): the eager GELU kernels serve", err)
@@ -440,6 +471,16 @@ def _gelu_loop_candidates() -> dict[str, Callable[[], object]]:
     return {
         "eager": forward_and_backward(partial(_eager_tanh_gelu, act=act)),
         "loop": forward_and_backward(tanh_gelu_loop),
+    }
+
+
+def _gelu_loop_in_place_candidates() -> dict[str, Callable[[], object]]:
+    x = _sample((1 << 22,))
+    work = torch.empty_like(x)  # each call writes over a fresh copy of the sample
+    _eager_tanh_gelu_(work.copy_(x))  # the eager kernel's own choice, measured first
+    return {
+        "eager": lambda: _eager_tanh_gelu_(work.copy_(x)),
+        "loop": lambda: tanh_gelu_loop_(work.copy_(x)),
     }
 
 
