@@ -323,6 +323,10 @@ def test_the_compiled_formula_keeps_its_constants_out_of_the_graphs_inputs() -> 
     torch._dynamo.reset()
     ((_length, x),) = inputs
     assert x == "l_x_", "the input alone, beside its symbolic length"
+    x = torch.linspace(-12, 12, 3 * 101, dtype=torch.float64)
+    torch.testing.assert_close(  # the written-out constants are C1 and C2
+        fast.tanh_gelu_formula(x), F.gelu(x, approximate="tanh"), rtol=1e-13, atol=1e-13
+    )
 
 
 def test_inductors_loop_in_place_writes_pytorchs_tanh_gelu_over_its_input() -> None:

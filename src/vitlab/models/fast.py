@@ -418,8 +418,9 @@ _gelu_loop_failed = False
 
 
 def _gelu_loop_applies(x: torch.Tensor) -> bool:
-    """Whether `tanh_gelu_loop` may serve a training GELU of `x`: `GELU_LOOP_MIN` elements
-    or more, a C++ compiler for Inductor, and `torch.compile` not turned off
+    """Whether Inductor's loop may serve the tanh GELU of `x` (`tanh_gelu_loop`, or
+    `tanh_gelu_loop_` in place): `GELU_LOOP_MIN` elements or more, a C++ compiler for
+    Inductor, and `torch.compile` not turned off
     (`TORCH_COMPILE_DISABLE=1`, where the "loop" would be the formula's eager passes)."""
     return (
         x.numel() >= GELU_LOOP_MIN
