@@ -476,6 +476,14 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
         kernel_choice.forget()
 
 
+def test_the_fused_kernels_are_measured_on_a_layers_scale() -> None:
+    """The GELU kernels slow down on large inputs: the measured Linear's outputs must be of
+    unit scale, as a model's, not √in_features (the sample's 384 or 768) times larger."""
+    weight = fast._weight_sample(1536, 384)
+    pre_activations = F.linear(fast._sample((256, 384)), weight)
+    assert 0.5 < pre_activations.std() < 2
+
+
 def test_fused_linear_gelu_is_the_plain_linear_then_gelu() -> None:
     linear = nn.Linear(24, 40)
     x = torch.randn(2, 7, 24)

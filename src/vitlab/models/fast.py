@@ -509,7 +509,7 @@ def _fused_wins(linear: nn.Linear, approximate: GeluApproximate) -> bool:
 def _linear_gelu_candidates(
     in_features: int, out_features: int, has_bias: bool, approximate: GeluApproximate
 ) -> dict[str, Callable[[], object]]:
-    x, weight = _sample((1024, in_features)), _sample((out_features, in_features))
+    x, weight = _sample((1024, in_features)), _weight_sample(out_features, in_features)
     bias = _sample((out_features,)) if has_bias else None
     act = nn.GELU(approximate=approximate)
     return {
@@ -531,6 +531,15 @@ def _measured(
 def _sample(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """A normal sample from a generator of its own: measuring leaves the global RNG alone."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _weight_sample(out_features: int, in_features: int) -> torch.Tensor:
+    """A Linear's weight for a measurement, scaled as an initialised or trained layer's
+    (std 1/√in_features): the GELU then gets inputs of unit scale, as in a model. Unscaled,
+    its inputs are √in_features times larger, where the GELU kernels' exp and tanh take
+    slow paths (PyTorch's tanh GELU four times slower), which would misjudge the plain
+    Linear + GELU against the fused kernel."""
+    return _sample((out_features, in_features)) * in_features**-0.5
 
 
 def records_graph(*inputs: torch.Tensor | None) -> bool:
@@ -641,7 +650,7 @@ def _token_mixing_candidates(
     num_tokens: int, tokens_mlp_dim: int, channels: int, approximate: GeluApproximate
 ) -> dict[str, Callable[[], object]]:
     y = _sample((4, num_tokens, channels))
-    weight, bias = _sample((tokens_mlp_dim, num_tokens)), _sample((tokens_mlp_dim,))
+    weight, bias = _weight_sample(tokens_mlp_dim, num_tokens), _sample((tokens_mlp_dim,))
     act = nn.GELU(approximate=approximate)
     return {
         "plain": lambda: _token_hidden(weight, bias, y, act),
