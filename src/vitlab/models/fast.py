@@ -342,21 +342,26 @@ def choose_compiled_gelu(options: Mapping[str, Any] | None = None, on_cpu: bool 
 
 def _compiled_gelu_candidates() -> dict[str, Callable[[], object]]:
     x, grad = _sample((1 << 22,)).requires_grad_(), _sample((1 << 22,), seed=1)
-
-    def forward_and_backward(form: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-        compiled = torch.compile(form, dynamic=False)
-
-        def run() -> None:
-            with torch.enable_grad():
-                compiled(x).backward(grad)
-            x.grad = None
-
-        return run
-
     return {
-        "torch": forward_and_backward(partial(F.gelu, approximate="tanh")),
-        "sigmoid": forward_and_backward(tanh_gelu_formula),
+        name: _forward_and_backward(torch.compile(form, dynamic=False), x, grad)
+        for name, form in (
+            ("torch", partial(F.gelu, approximate="tanh")),
+            ("sigmoid", tanh_gelu_formula),
+        )
     }
+
+
+def _forward_and_backward(
+    form: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor
+) -> Callable[[], None]:
+    """A candidate's call: `form(x)` and its backward with autograd on, `x`'s grad dropped."""
+
+    def run() -> None:
+        with torch.enable_grad():
+            form(x).backward(grad)
+        x.grad = None
+
+    return run
 
 
 @torch.compiler.assume_constant_result
@@ -461,17 +466,9 @@ def _gelu_loop_candidates() -> dict[str, Callable[[], object]]:
     x, grad = _sample((1 << 22,)).requires_grad_(), _sample((1 << 22,), seed=1)
     act = nn.GELU(approximate="tanh")
     _eager_tanh_gelu(x, act)  # the eager kernels' own choices, measured first
-
-    def forward_and_backward(form: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            form(x).backward(grad)
-            x.grad = None
-
-        return run
-
     return {
-        "eager": forward_and_backward(partial(_eager_tanh_gelu, act=act)),
-        "loop": forward_and_backward(tanh_gelu_loop),
+        "eager": _forward_and_backward(partial(_eager_tanh_gelu, act=act), x, grad),
+        "loop": _forward_and_backward(tanh_gelu_loop, x, grad),
     }
 
 
