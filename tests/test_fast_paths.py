@@ -13,6 +13,9 @@ straightforward computation it replaces, forward and backward:
 - without autograd, the MLPs' GELU overwrites its input (`fast.gelu_in_place`), or
   runs inside the first layer's matmul on a CPU (`fast.fused_linear_gelu`), against
   the same model with autograd on;
+- the attention's fused `qkv` projection, split into q, k, v on its feature axis
+  (`Attention.queries_keys_values`), against three projections and the softmax
+  written out;
 - the tanh GELU as x·σ(2u) (`fast.tanh_gelu`, `fast.tanh_gelu_backward`), against
   PyTorch's GELU and its autograd.
 
@@ -33,7 +36,7 @@ from tests.conftest import tiny_vit
 from tests.test_scale_knobs import images, randomized, tiny_hybrid, tiny_mixer
 from vitlab.models import ResNetV2, fast
 from vitlab.models.fast import fused_linear_gelu
-from vitlab.models.layers import Mlp
+from vitlab.models.layers import Attention, Mlp
 from vitlab.models.resnet import WEIGHT_STANDARDIZATION_EPS, StdConv2d, pad_same
 
 
@@ -88,6 +91,33 @@ def test_class_token_forward_skips_the_last_blocks_patch_tokens(monkeypatch) -> 
         model(images(model, batch=2))
     tokens = 1 + model.grid[0] * model.grid[1]
     assert widths == [tokens, tokens, 1]
+
+
+def test_attention_and_its_gradients_are_the_written_out_formula() -> None:
+    """The fused qkv's split (and the concatenation of its gradients in backward) keeps
+    q, k and v in the (three heads head_dim) order that the checkpoints' layout writes."""
+    attention = randomized(Attention(hidden_size=16, num_heads=2))
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def written_out(x: torch.Tensor) -> torch.Tensor:
+        weights, biases = attention.qkv.weight.chunk(3), attention.qkv.bias.chunk(3)
+        q, k, v = (
+            rearrange(F.linear(x, w, b), "b n (h d) -> b h n d", h=2)
+            for w, b in zip(weights, biases, strict=True)
+        )
+        scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) / q.shape[-1] ** 0.5
+        attended = torch.einsum("b h i j, b h j d -> b h i d", scores.softmax(-1), v)
+        return attention.out(rearrange(attended, "b h n d -> b n (h d)"))
+
+    results = []
+    for run in (attention, written_out):
+        attention.zero_grad()
+        x.grad = None
+        out = run(x)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), attention.qkv.weight.grad.clone()))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gap_classifier_still_runs_every_token() -> None:

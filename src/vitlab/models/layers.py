@@ -215,8 +215,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rotate: Rotate | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens (b, n, d) -> q, k, v (b, heads, n, head_dim), q and k rotated if `rotate`."""
-        q, k, v = rearrange(
-            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        # Split on the feature axis rather than unbound from a (three b h n d) view: the
+        # same q, k, v, but backward then writes the three gradients side by side in qkv's
+        # own layout, where unbind's stack needs a further copy to get back to it.
+        q, k, v = (
+            rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
+            for t in self.qkv(x).chunk(3, dim=-1)
         )
         if rotate is not None:
             q, k = rotate(q), rotate(k)
