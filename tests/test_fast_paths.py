@@ -97,7 +97,7 @@ def test_attention_and_its_gradients_are_the_written_out_formula() -> None:
     """The fused qkv's split (and the concatenation of its gradients in backward) keeps
     q, k and v in the (three heads head_dim) order that the checkpoints' layout writes."""
     attention = randomized(Attention(hidden_size=16, num_heads=2))
-    x = torch.randn(3, 5, 16, requires_grad=True)
+    x = torch.randn(3, 5, 16)
 
     def written_out(x: torch.Tensor) -> torch.Tensor:
         weights, biases = attention.qkv.weight.chunk(3), attention.qkv.bias.chunk(3)
@@ -109,15 +109,11 @@ def test_attention_and_its_gradients_are_the_written_out_formula() -> None:
         attended = torch.einsum("b h i j, b h j d -> b h i d", scores.softmax(-1), v)
         return attention.out(rearrange(attended, "b h n d -> b n (h d)"))
 
-    results = []
-    for run in (attention, written_out):
-        attention.zero_grad()
-        x.grad = None
-        out = run(x)
-        out.square().sum().backward()
-        results.append((out.detach(), x.grad.clone(), attention.qkv.weight.grad.clone()))
-    for got, expected in zip(*results, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    out, grads = outputs_and_grads(attention, attention, x)
+    expected_out, expected_grads = outputs_and_grads(attention, written_out, x)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_gap_classifier_still_runs_every_token() -> None:

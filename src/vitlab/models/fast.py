@@ -74,7 +74,7 @@ def class_token_attention(
         q = F.linear(x[:, :1], attn.qkv.weight[:width], attn.qkv.bias[:width])
         kv = F.linear(x, attn.qkv.weight[width:], attn.qkv.bias[width:])
     q = rearrange(q, "b one (h d) -> b h one d", h=attn.num_heads)
-    k, v = (rearrange(t, "b n (h d) -> b h n d", h=attn.num_heads) for t in kv.chunk(2, dim=-1))
+    k, v = attn.split_heads(kv, parts=2)
     x = attn.attend(q, k if rotate is None else rotate(k), v, bias)
     return attn.out(rearrange(x, "b h one d -> b one (h d)"))
 

@@ -215,16 +215,22 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rotate: Rotate | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens (b, n, d) -> q, k, v (b, heads, n, head_dim), q and k rotated if `rotate`."""
-        # Split on the feature axis rather than unbound from a (three b h n d) view: the
-        # same q, k, v, but backward then writes the three gradients side by side in qkv's
-        # own layout, where unbind's stack needs a further copy to get back to it.
-        q, k, v = (
-            rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
-            for t in self.qkv(x).chunk(3, dim=-1)
-        )
+        q, k, v = self.split_heads(self.qkv(x), parts=3)
         if rotate is not None:
             q, k = rotate(q), rotate(k)
         return q, k, v
+
+    def split_heads(self, projected: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """(b, n, parts * heads * head_dim) -> `parts` views (b, heads, n, head_dim), in order.
+
+        Split on the feature axis rather than unbound from a (parts b h n d) view: the
+        same views, but backward then writes the gradients side by side in the
+        projection's own layout, where unbind's stack needs a further copy to get back to it.
+        """
+        return tuple(
+            rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
+            for t in projected.chunk(parts, dim=-1)
+        )
 
     def attend(
         self,
