@@ -14,7 +14,7 @@ straightforward computation it replaces, forward and backward:
   runs inside the first layer's matmul on a CPU (`fast.fused_linear_gelu`), against
   the same model with autograd on;
 - the attention's fused `qkv` projection, split into q, k, v on its feature axis
-  (`Attention.queries_keys_values`), against three projections and the softmax
+  (`Attention.split_heads`), against three projections and the softmax
   written out;
 - the tanh GELU as x·σ(2u) (`fast.tanh_gelu`, `fast.tanh_gelu_backward`), against
   PyTorch's GELU and its autograd.
