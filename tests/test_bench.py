@@ -114,6 +114,23 @@ def test_bench_json_holds_every_round_and_the_medians(tiny_run):
     assert 0 < max(report["peak_flops_rounds"]) <= report["peak_flops"]
 
 
+def test_bench_reports_each_contenders_matmul_bound_mfu(tiny_run):
+    folder, _, _ = tiny_run
+    report = json.loads((folder / "bench.json").read_text())
+    for contender in report["contenders"]:
+        seconds, bound = contender["matmul_seconds_per_step"], contender["matmul_bound_mfu"]
+        if contender["loop"] == "fit":  # the bare loop's step, inside Lightning
+            assert seconds is None and bound is None
+            continue
+        assert seconds > 0, contender["description"]
+        assert bound == pytest.approx(
+            contender["flops_per_image"] * report["batch_size"] / seconds / report["peak_flops"]
+        )
+    table = (folder / "bench.md").read_text()
+    assert "| MFU | matmul-bound |" in table
+    assert "- Matmul-bound:" in table
+
+
 def test_bench_returns_the_ratios_ours_over_timm_and_fit_over_bare(tiny_run):
     _, ratios, _ = tiny_run
     assert set(ratios) == EAGER_RATIOS | COMPILED_RATIOS

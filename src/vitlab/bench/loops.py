@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from vitlab.bench.machine import peak_step_memory
+from vitlab.bench.matmul_bound import matmul_seconds
 from vitlab.training.flops import precision_dtype, synchronize
 
 # What a contender runs: Lightning's fit, the bare training loop, or inference.
@@ -55,6 +56,11 @@ class Contender:
         compile_seconds: wall seconds of a compiled contender's untimed first call, its
             compile; None for an eager one, and for the fit (its first step is untimed
             inside the fit).
+        matmul_time: one step's seconds in matmul kernels, measured when called
+            (`vitlab.bench.matmul_bound.matmul_seconds`); None for the fit, whose
+            step is the bare loop's inside Lightning.
+        matmul_seconds: what `matmul_time` measured after the race; None until then, or
+            where not measurable (off the CPU).
         samples: images per second, one per measured round.
     """
 
@@ -67,6 +73,8 @@ class Contender:
     peak_memory: float | None = None
     compiled: bool = False
     compile_seconds: float | None = None
+    matmul_time: Callable[[], float | None] | None = None
+    matmul_seconds: float | None = None
     samples: list[float] = field(default_factory=list)
 
     @property
@@ -218,6 +226,11 @@ class InferenceLoop:
         """`peak_step_memory` of one pass (None where not measurable); after `first_pass`."""
         with self._in_eval_mode():
             return peak_step_memory(self.step, self.device)
+
+    def measure_matmul_seconds(self) -> float | None:
+        """`matmul_seconds` of one pass (None where not measurable)."""
+        with self._in_eval_mode():
+            return matmul_seconds(self.step, self.device)
 
     def warm_up_and_measure_memory(self) -> float | None:
         """One untimed pass, then `peak_step_memory` of the next (None where not measurable)."""

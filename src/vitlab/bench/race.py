@@ -75,6 +75,7 @@ from vitlab.bench.loops import (
     seconds_of_one_call,
 )
 from vitlab.bench.machine import bench_device, describe_machine, load_average, peak_step_memory
+from vitlab.bench.matmul_bound import matmul_seconds
 from vitlab.bench.report import bench_report, write_report
 from vitlab.bench.timm_models import timm_model
 from vitlab.bounds import Count, NonNegativeInt
@@ -233,6 +234,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     race = Race(contenders, settings, device, dtype)
     _race_in_one_fit(cfg, classifier, fit_data, race, workload.batch_size)
     machine["load_average_1min_after"] = load_average()
+    for contender in contenders:  # warmed up by the race: one profiled step each
+        if contender.matmul_time is not None:
+            contender.matmul_seconds = contender.matmul_time()
 
     report = bench_report(
         cfg, asdict(settings), workload.input_shape, machine, race.peak_flops, contenders, left_out
@@ -360,6 +364,7 @@ def _bare_loop_contender(cfg: DictConfig, racer: Racer, workload: Workload) -> C
         peak_step_memory(loop.step, workload.device),
         compiled=racer.compiled,
         compile_seconds=first_step if racer.compiled else None,
+        matmul_time=partial(matmul_seconds, loop.step, workload.device),
     )
 
 
@@ -377,6 +382,7 @@ def _inference_contender(racer: Racer, workload: Workload) -> Contender:
         loop.measure_memory(),
         compiled=racer.compiled,
         compile_seconds=first_pass if racer.compiled else None,
+        matmul_time=loop.measure_matmul_seconds,
     )
 
 

@@ -26,6 +26,7 @@ from vitlab.bench.loops import (
     LOOP_NAMES,
     Contender,
 )
+from vitlab.bench.matmul_bound import matmul_bound_mfu
 from vitlab.runs.multirun import config_choice
 
 # Each ratio: (model, loop) over (model, loop).
@@ -86,14 +87,15 @@ def bench_report(
         "peak_flops": best_peak,
         # The measured rounds' peaks, in the order of each contender's `samples`.
         "peak_flops_rounds": list(peak_flops[len(peak_flops) - rounds :]),
-        "contenders": [_contender_summary(c, best_peak) for c in contenders],
+        "contenders": [_contender_summary(c, best_peak, input_shape[0]) for c in contenders],
         "ratios": ratios_over_rounds(contenders),
         "compiled_left_out": compiled_left_out,
     }
 
 
-def _contender_summary(contender: Contender, peak_flops: float) -> dict[str, Any]:
-    """One contender's entry in `bench.json`: its rounds, their median and best, MFU, memory."""
+def _contender_summary(contender: Contender, peak_flops: float, batch: int) -> dict[str, Any]:
+    """One contender's entry in `bench.json`: its rounds, their median and best, MFU, its
+    matmul-bound MFU (`vitlab.bench.matmul_bound`), memory."""
     c = contender
     return {
         "model": c.model,
@@ -105,6 +107,10 @@ def _contender_summary(contender: Contender, peak_flops: float) -> dict[str, Any
         "flops_per_image": c.flops_per_image,
         "achieved_flops": c.median * c.flops_per_image,
         "mfu": c.median * c.flops_per_image / peak_flops,
+        "matmul_seconds_per_step": c.matmul_seconds,
+        "matmul_bound_mfu": matmul_bound_mfu(
+            c.flops_per_image * batch, c.matmul_seconds, peak_flops
+        ),
         "peak_memory_bytes": c.peak_memory,
         "params": c.params,
         "compiled": c.compiled,
@@ -165,6 +171,10 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         "round); medians over rounds "
         "(min–max in brackets); other processes only slow a round down, so the best round "
         "and the ratio of bests are the least disturbed.",
+        "- Matmul-bound: the MFU a contender would reach if only its matmul kernels took "
+        "time (mm, addmm, bmm, convolutions, fused attention: their self time in one step "
+        "under torch.profiler, after the rounds; CPU only). MFU / matmul-bound is the share "
+        "of the step in matmuls; what remains is the work around them.",
         f"- Peak memory: one step's highest allocation above its start ({memory_note}).",
     ] + (
         [f"- Compiled contenders left out: {report['compiled_left_out']}."]
@@ -174,20 +184,23 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _contender_table(contenders: list[dict[str, Any]]) -> list[str]:
-    """One row per contender: img/s (median, min–max), FLOPs, achieved FLOP/s, MFU, memory, params."""
+    """One row per contender: img/s (median, min–max), FLOPs, achieved FLOP/s, MFU, the
+    matmul-bound MFU, memory, params."""
     lines = [
-        "| model | loop | img/s | FLOPs/img | achieved | MFU | peak memory | params |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | loop | img/s | FLOPs/img | achieved | MFU | matmul-bound | peak memory | params |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in contenders:
         speed = _rounded_rate(c["images_per_sec"])
         spread = f"{_rounded_rate(min(c['samples']))}–{_rounded_rate(max(c['samples']))}"
         memory = c["peak_memory_bytes"]
+        bound = c["matmul_bound_mfu"]
         lines.append(
             f"| {c['description']} | {LOOP_NAMES[c['loop']]} | {speed} ({spread}) "
             f"| {_with_si_prefix(c['flops_per_image'], 'FLOP')} "
             f"| {_with_si_prefix(c['achieved_flops'], 'FLOP/s')} "
-            f"| {c['mfu']:.1%} | {'—' if memory is None else f'{memory / 2**20:.0f} MiB'} "
+            f"| {c['mfu']:.1%} | {'—' if bound is None else f'{bound:.1%}'} "
+            f"| {'—' if memory is None else f'{memory / 2**20:.0f} MiB'} "
             f"| {c['params'] / 1e6:.2f} M |"
         )
     return lines
