@@ -45,6 +45,13 @@ def test_a_steps_matmuls_and_attention_are_timed():
     assert matmul_seconds(lambda: F.scaled_dot_product_attention(q, q, q), CPU) > 0
 
 
+def test_the_time_is_per_step_over_the_steps_profiled():
+    calls = []
+    x, w = torch.randn(256, 128), torch.randn(64, 128)
+    assert matmul_seconds(lambda: calls.append(F.linear(x, w)), CPU, steps=3) > 0
+    assert len(calls) == 3
+
+
 def test_only_the_cpu_is_profiled():
     assert matmul_seconds(lambda: None, torch.device("meta")) is None
 

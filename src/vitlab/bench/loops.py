@@ -56,7 +56,7 @@ class Contender:
         compile_seconds: wall seconds of a compiled contender's untimed first call, its
             compile; None for an eager one, and for the fit (its first step is untimed
             inside the fit).
-        matmul_time: one step's seconds in matmul kernels, measured when called
+        matmul_time: `steps` -> a step's seconds in matmul kernels, measured when called
             (`vitlab.bench.matmul_bound.matmul_seconds`); None for the fit, whose
             step is the bare loop's inside Lightning.
         matmul_seconds: what `matmul_time` measured after the race; None until then, or
@@ -73,7 +73,7 @@ class Contender:
     peak_memory: float | None = None
     compiled: bool = False
     compile_seconds: float | None = None
-    matmul_time: Callable[[], float | None] | None = None
+    matmul_time: Callable[[int], float | None] | None = None
     matmul_seconds: float | None = None
     samples: list[float] = field(default_factory=list)
 
@@ -227,10 +227,10 @@ class InferenceLoop:
         with self._in_eval_mode():
             return peak_step_memory(self.step, self.device)
 
-    def measure_matmul_seconds(self) -> float | None:
-        """`matmul_seconds` of one pass (None where not measurable)."""
+    def measure_matmul_seconds(self, steps: int) -> float | None:
+        """`matmul_seconds` of a pass, over `steps` passes (None where not measurable)."""
         with self._in_eval_mode():
-            return matmul_seconds(self.step, self.device)
+            return matmul_seconds(self.step, self.device, steps)
 
     def warm_up_and_measure_memory(self) -> float | None:
         """One untimed pass, then `peak_step_memory` of the next (None where not measurable)."""

@@ -3,12 +3,13 @@
 MFU compares a step with the peak of one large square matmul. The step's own matmuls
 (its Linear layers' shapes, the attention's small batched products) may run below that
 peak on a given CPU, and no code around them can make them faster. So the benchmark
-also times the matmul kernels inside one step: their self time under `torch.profiler`
+also times the matmul kernels inside its steps: their self time under `torch.profiler`
 (a kernel's own time, without the ops it calls, such as `addmm`'s copy of its bias or the
 zero-filled gradients of the fused attention's backward). FLOPs / that time / peak is
 the step's matmul-bound MFU, its ceiling; MFU / ceiling is the share of the step spent
 in matmuls, and the rest (GELU, LayerNorm, copies, the optimizer, Python) is what code
-outside the matmuls could still win.
+outside the matmuls could still win. The peak is a reference matmul, not the hardware's:
+kernels that outrun it (oneDNN's convolutions on some CPUs) put the bound above 100%.
 
 The kernels are the ops FLOPs are counted for (`torch.utils.flop_counter`, which
 `vitlab.training.flops.count_flops` uses), with the CPU kernels they run as (oneDNN's
@@ -50,19 +51,20 @@ def is_matmul_kernel(name: str) -> bool:
     return name in MATMUL_KERNELS
 
 
-def matmul_seconds(step: Callable[[], None], device: torch.device) -> float | None:
-    """Seconds that one `step()` spends in matmul-family kernels (their self time under
-    `torch.profiler`); None off the CPU."""
+def matmul_seconds(step: Callable[[], None], device: torch.device, steps: int = 1) -> float | None:
+    """Seconds that a `step()` spends in matmul-family kernels (their self time under
+    `torch.profiler`), averaged over `steps` calls; None off the CPU."""
     if device.type != "cpu":
         return None
     # Kineto would log "gpuGetDeviceCount failed" on a machine without a GPU: not an error here.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        for _ in range(steps):
+            step()
     microseconds = sum(
         event.self_cpu_time_total for event in prof.key_averages() if is_matmul_kernel(event.key)
     )
-    return microseconds / 1e6
+    return microseconds / 1e6 / steps
 
 
 def matmul_bound_mfu(

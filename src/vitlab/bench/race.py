@@ -234,9 +234,9 @@ def bench(cfg: DictConfig) -> dict[str, float]:
     race = Race(contenders, settings, device, dtype)
     _race_in_one_fit(cfg, classifier, fit_data, race, workload.batch_size)
     machine["load_average_1min_after"] = load_average()
-    for contender in contenders:  # warmed up by the race: one profiled step each
+    for contender in contenders:  # warmed up by the race: a round's steps each, profiled
         if contender.matmul_time is not None:
-            contender.matmul_seconds = contender.matmul_time()
+            contender.matmul_seconds = contender.matmul_time(settings.steps)
 
     report = bench_report(
         cfg, asdict(settings), workload.input_shape, machine, race.peak_flops, contenders, left_out

@@ -172,8 +172,8 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         "(min–max in brackets); other processes only slow a round down, so the best round "
         "and the ratio of bests are the least disturbed.",
         "- Matmul-bound: the MFU a contender would reach if only its matmul kernels took "
-        "time (mm, addmm, bmm, convolutions, fused attention: their self time in one step "
-        "under torch.profiler, after the rounds; CPU only). MFU / matmul-bound is the share "
+        "time (mm, addmm, bmm, convolutions, fused attention: their self time under "
+        "torch.profiler in a round's steps, after the rounds; CPU only). MFU / matmul-bound is the share "
         "of the step in matmuls; what remains is the work around them.",
         f"- Peak memory: one step's highest allocation above its start ({memory_note}).",
     ] + (
