@@ -17,7 +17,9 @@ straightforward computation it replaces, forward and backward:
   (`Attention.split_heads`), against three projections and the softmax
   written out;
 - the tanh GELU as x·σ(2u) (`fast.tanh_gelu`, `fast.tanh_gelu_backward`), against
-  PyTorch's GELU and its autograd.
+  PyTorch's GELU and its autograd;
+- a Dense by oneDNN's matmul (`fast.onednn_linear`), against `F.linear`, forward and
+  backward, and whole models trained with it against the same models without it.
 
 The paths whose winner depends on the CPU are taken where `kernel_choice` measured
 them faster; the tests here force each choice both ways (`choices`), so every
@@ -191,15 +193,17 @@ def test_resnet_in_place_relus_give_the_out_of_place_gradients(monkeypatch) -> N
 @pytest.fixture
 def choices(monkeypatch):
     """Force the measured choices: `choices(fused=..., sigmoid_forward=..., sigmoid_backward=...,
-    saved_derivative=...)`."""
+    saved_derivative=..., onednn=...)`."""
 
     def force(
         fused: bool = False,
         sigmoid_forward: bool = False,
         sigmoid_backward: bool = False,
         saved_derivative: bool = False,
+        onednn: bool = False,
     ):
         monkeypatch.setattr(fast, "_fused_wins", lambda *_: fused)
+        monkeypatch.setattr(fast, "_onednn_linear_wins", lambda *_: onednn)
         monkeypatch.setattr(fast, "_saved_derivative_wins", lambda: saved_derivative)
         monkeypatch.setattr(fast, "_fused_token_mixing_wins", lambda *_: fused)
         wins = {"forward": sigmoid_forward, "backward": sigmoid_backward}
@@ -485,6 +489,8 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
         assert fast.choose_compiled_gelu() in (True, False), "two small compiles, timed"
         for in_place in (False, True):
             assert fast._gelu_loop_wins(in_place) in (True, False), "a small compile, timed"
+        for training in (True, False):
+            assert fast._onednn_linear_wins(nn.Linear(8, 16), training) in (True, False)
         import json
 
         cached = json.loads((tmp_path / "kernels.json").read_text())
@@ -497,6 +503,8 @@ def test_the_measured_kernels_run_their_candidates(tmp_path, monkeypatch) -> Non
             "tanh_gelu_compiled/cpu/float32",
             "tanh_gelu_inductor_loop/cpu/float32",
             "tanh_gelu_inductor_loop_in_place/cpu/float32",
+            "linear_onednn_train/8x16/cpu/float32",
+            "linear_onednn_infer/8x16/cpu/float32",
         }
     finally:
         kernel_choice.forget()
@@ -545,7 +553,7 @@ def test_fused_linear_gelu_steps_aside_where_it_does_not_apply() -> None:
 def test_inference_without_autograd_gives_the_logits_of_a_graphed_forward(
     make, fused, choices, monkeypatch
 ) -> None:
-    choices(fused=fused, sigmoid_forward=not fused, sigmoid_backward=not fused)
+    choices(fused=fused, sigmoid_forward=not fused, sigmoid_backward=not fused, onednn=fused)
     model = randomized(make()).eval()
     x = images(model, batch=3)
     graphed = model(x)
@@ -649,3 +657,71 @@ def test_a_compiled_graph_takes_the_sigmoid_form_where_it_won(wins, monkeypatch)
     exported = torch.export.export(mlp, (x,))
     assert any("gelu" in str(node.target) for node in exported.graph.nodes)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", [(2, 7, 24), (5, 24)], ids=["tokens", "rows"])
+def test_onednn_linear_and_its_gradients_are_f_linears(shape, bias) -> None:
+    layer, x = nn.Linear(24, 40, bias=bias), torch.randn(*shape, requires_grad=True)
+
+    def run(forward):
+        layer.zero_grad()
+        x.grad = None
+        out = forward(x)
+        out.square().mean().backward()
+        return out.detach(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()]
+
+    onednn = run(lambda t: fast.onednn_linear(t, layer))
+    torch.testing.assert_close(onednn, run(layer), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.onednn_linear(x, layer), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_linear_takes_onednn_only_where_it_measured_faster(training, monkeypatch) -> None:
+    layer, x = nn.Linear(24, 40), torch.randn(2, 7, 24, requires_grad=training)
+    expected = layer(x).detach()
+    calls, asked = [], []
+    real = fast._onednn_matmul
+    monkeypatch.setattr(fast, "_onednn_matmul", lambda *a: calls.append(1) or real(*a))
+    for onednn in (True, False):
+        monkeypatch.setattr(
+            fast,
+            "_onednn_linear_wins",
+            lambda layer, train, wins=onednn: asked.append(train) or wins,
+        )
+        calls.clear()
+        with torch.set_grad_enabled(training):
+            out = fast.linear(x, layer)
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
+        assert calls == ([1] if onednn else [])
+    assert asked == [training, training], "training and inference are measured apart"
+
+
+def test_onednn_linear_steps_aside_where_it_does_not_apply() -> None:
+    layer, x = nn.Linear(8, 16), torch.randn(3, 8)
+    assert fast.onednn_linear_applies(x, layer)
+    assert not fast.onednn_linear_applies(x.double(), layer.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast.onednn_linear_applies(x, layer)
+    int8 = torch.ao.nn.quantized.dynamic.Linear(8, 16)
+    assert not fast.onednn_linear_applies(x, int8)
+    assert not fast.onednn_linear_applies(x[0], layer), "a vector: F.linear's own case"
+    traced = []
+    torch.jit.trace(
+        lambda t: traced.append(fast.onednn_linear_applies(t, layer)) or t, x, check_trace=False
+    )
+    assert traced and not any(traced), "the TorchScript tracer records F.linear"
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_vit, tiny_mixer, tiny_hybrid], ids=["vit", "mixer", "hybrid"]
+)
+def test_a_model_trains_alike_with_onednns_linear_and_without(make, choices) -> None:
+    model = randomized(make())
+    x = images(model, batch=3)
+    results = []
+    for onednn in (True, False):
+        choices(onednn=onednn)
+        results.append(outputs_and_grads(model, model, x))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

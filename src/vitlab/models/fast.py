@@ -8,6 +8,7 @@ against its plain formulation, forward and backward.
 
 - `class_token_block`: the last encoder block for the class token alone;
 - `linear_gelu` (`fused_linear_gelu`, `gelu_in_place`): an MLP's first Dense and GELU;
+- `linear` (`onednn_linear`): a Dense by oneDNN's matmul, the bias inside it;
 - `gelu` (`tanh_gelu`): the tanh GELU as x·σ(2u), PyTorch's GELU kernel's tanh being slow
   on some CPUs; while training, with its derivative kept for backward
   (`tanh_gelu_and_derivative`); on large tensors, by Inductor's fused loop of it called
@@ -15,7 +16,7 @@ against its plain formulation, forward and backward.
 - `token_mixing`: Mixer's token MLP without the transposed copies;
 - `conv2d_padded`, `relu_in_place`: the ResNet stem's padding and ReLUs.
 
-Where the faster way depends on the CPU (the fused oneDNN kernel, the sigmoid-form
+Where the faster way depends on the CPU (the oneDNN kernels, the sigmoid-form
 GELU, Inductor's GELU loop), it is taken only where it measured faster on this machine
 (`kernel_choice.choose`, once per machine and kernel, cached): elsewhere the plain
 formulation runs.
@@ -79,16 +80,129 @@ def class_token_attention(
     return attn.out(rearrange(x, "b h one d -> b one (h d)"))
 
 
-def linear_gelu(x: torch.Tensor, linear: nn.Linear, act: nn.GELU) -> torch.Tensor:
-    """`act(linear(x))`, an MLP's first Dense and its GELU, by the fastest way that applies.
+def linear_gelu(x: torch.Tensor, layer: nn.Linear, act: nn.GELU) -> torch.Tensor:
+    """`act(layer(x))`, an MLP's first Dense and its GELU, by the fastest way that applies.
 
     Without autograd on a CPU, one oneDNN kernel (`fused_linear_gelu`) where it measured
-    faster than the next way on this machine; otherwise `linear`, then the GELU, in
-    place where autograd keeps nothing (`gelu_in_place`).
+    faster than the next way on this machine; otherwise the Dense (`linear`), then the
+    GELU, in place where autograd keeps nothing (`gelu_in_place`).
     """
-    if fused_linear_gelu_applies(x, linear) and _fused_wins(linear, act.approximate):
-        return fused_linear_gelu(x, linear, act.approximate)
-    return gelu_in_place(linear(x), act)
+    if fused_linear_gelu_applies(x, layer) and _fused_wins(layer, act.approximate):
+        return fused_linear_gelu(x, layer, act.approximate)
+    return gelu_in_place(linear(x, layer), act)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(x)`, by oneDNN's matmul (`onednn_linear`) where that measured faster than
+    `F.linear` for this layer's shape on this machine, training and inference measured apart.
+
+    On a CPU `F.linear` is MKL's matmul after a copy of the bias into its output;
+    oneDNN adds the bias inside its matmul, and on some CPUs its matmul is the faster.
+    """
+    if onednn_linear_applies(x, layer):
+        training = records_graph(x, layer.weight, layer.bias)
+        if _onednn_linear_wins(layer, training):
+            return onednn_linear(x, layer)
+    return layer(x)
+
+
+def onednn_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`F.linear(x, layer.weight, layer.bias)` as oneDNN's matmul with the bias in it
+    (`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor calls for a CPU Linear), with
+    autograd: backward is `F.linear`'s, two matmuls and the bias's sum. The same function
+    to float rounding. Only where `onednn_linear_applies`; (..., in) -> (..., out)."""
+    if records_graph(x, layer.weight, layer.bias):
+        return _OneDnnLinear.apply(x, layer.weight, layer.bias)
+    return _onednn_matmul(x, layer.weight, layer.bias)
+
+
+def _onednn_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """oneDNN's Linear forward; the backward autograd gives `F.linear`."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_matmul(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        rows = rearrange(grad, "... o -> (...) o")
+        grad_x = grad @ weight if needs_x else None  # (..., o) (o, i) -> (..., i)
+        grad_weight = rows.mT @ rearrange(x, "... i -> (...) i") if needs_weight else None
+        grad_bias = rows.sum(0) if needs_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+def onednn_linear_applies(x: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether `onednn_linear` can run: a float32 `nn.Linear` (not an int8 one, `is_int8`)
+    on the CPU, outside autocast (the op is not autocast-aware), in eager code (while
+    `torch.compile`, `torch.export` or the TorchScript tracer record a graph, it keeps
+    `F.linear`: Inductor picks its own kernel, and ONNX has no such op), in a PyTorch
+    built with oneDNN and the op."""
+    return not (
+        is_int8(layer)
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or layer.weight.dtype != torch.float32
+        or x.dim() < 2
+        or torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or not _HAS_ONEDNN_LINEAR_POINTWISE
+    )
+
+
+def _onednn_linear_wins(layer: nn.Linear, training: bool) -> bool:
+    """Whether oneDNN's matmul beat `F.linear` for this layer's shape here (measured on
+    1024 rows): forward and backward with autograd when `training`, else the forward alone."""
+    out_features, in_features = layer.weight.shape
+    kernel = f"linear_onednn_{'train' if training else 'infer'}/{in_features}x{out_features}"
+    candidates = partial(
+        _onednn_linear_candidates, in_features, out_features, layer.bias is not None, training
+    )
+    with torch.autograd.set_grad_enabled(training), torch.autocast("cpu", enabled=False):
+        return choose(f"{kernel}/cpu/float32", candidates, "plain") == "onednn"
+
+
+def _onednn_linear_candidates(
+    in_features: int, out_features: int, has_bias: bool, training: bool
+) -> dict[str, Callable[[], object]]:
+    x, weight = _sample((1024, in_features)), _weight_sample(out_features, in_features)
+    bias = _sample((out_features,)) if has_bias else None
+    if not training:
+        return {
+            "plain": lambda: F.linear(x, weight, bias),
+            "onednn": lambda: _onednn_matmul(x, weight, bias),
+        }
+    tensors = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    grad = _sample((1024, out_features), seed=1)
+
+    def forward_and_backward(forward: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            forward(x, weight, bias).backward(grad)
+            for t in tensors:
+                t.grad = None
+
+        return run
+
+    return {
+        "plain": forward_and_backward(F.linear),
+        "onednn": forward_and_backward(_OneDnnLinear.apply),
+    }
 
 
 def gelu_in_place(h: torch.Tensor, act: nn.GELU) -> torch.Tensor:

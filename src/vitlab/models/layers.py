@@ -209,13 +209,14 @@ class Attention(nn.Module):
         """Tokens (b, n, d) -> (b, n, d); `rotate`, if given, turns q and k first (RoPE)."""
         q, k, v = self.queries_keys_values(x, rotate)
         x = self.attend(q, k, v)
-        return self.out(rearrange(x, "b h n d -> b n (h d)"))
+        return fast.linear(rearrange(x, "b h n d -> b n (h d)"), self.out)  # = self.out(...)
 
     def queries_keys_values(
         self, x: torch.Tensor, rotate: Rotate | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens (b, n, d) -> q, k, v (b, heads, n, head_dim), q and k rotated if `rotate`."""
-        q, k, v = self.split_heads(self.qkv(x), parts=3)
+        qkv = fast.linear(x, self.qkv)  # = self.qkv(x), faster where oneDNN's matmul is
+        q, k, v = self.split_heads(qkv, parts=3)
         if rotate is not None:
             q, k = rotate(q), rotate(k)
         return q, k, v
@@ -311,7 +312,7 @@ class Mlp(nn.Module):
         """Tokens (..., hidden_size) -> the same shape."""
         x = fast.linear_gelu(x, self.fc1, self.act)  # = self.act(self.fc1(x)), faster
         x = self.drop(x)
-        x = self.fc2(x)
+        x = fast.linear(x, self.fc2)  # = self.fc2(x), faster where oneDNN's matmul is
         return self.drop(x)
 
 
